@@ -1,0 +1,247 @@
+"""``medimg``: the one command-line tool.
+
+medimg train --dataset pneumoniamnist --epochs 3
+medimg export --model pneumoniamnist-densenet121
+medimg serve
+medimg classify ../shared/data/samples/*.png --protocol grpc
+medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.errors import MedimgError
+
+DEFAULT_REPOSITORY = "model_repository"
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from training.config import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument(
+        "--dataset", default=d["dataset"].default, help="MedMNIST flag (default %(default)s)"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=d["size"].default,
+        choices=(28, 64, 128, 224),
+        help="MedMNIST file resolution (default %(default)s)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=d["image_size"].default,
+        help="network input size in pixels (default %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, default=d["epochs"].default)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--workers", type=int, default=d["workers"].default, help="Ray Train workers")
+    p.add_argument(
+        "--data-dir",
+        default="",
+        help="MedMNIST .npz folder (default $MEDIMG_DATA_DIR or ~/.medmnist)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite under ./mlruns)",
+    )
+    p.add_argument(
+        "--max-train-samples", type=int, default=0, help="subsample the training split (0: all)"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"].default)
+
+
+def _train_config(args: argparse.Namespace):
+    from training.config import TrainConfig
+
+    return TrainConfig(
+        dataset=args.dataset,
+        size=args.size,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        workers=args.workers,
+        data_dir=args.data_dir,
+        tracking_uri=args.tracking_uri,
+        max_train_samples=args.max_train_samples,
+        seed=args.seed,
+    )
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repository",
+        default=DEFAULT_REPOSITORY,
+        help="Triton model repository (default %(default)s)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+
+
+def _server(args: argparse.Namespace):
+    from serving.server import TritonServer
+
+    return TritonServer(
+        Path(args.repository),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.run import train_and_register
+
+    outcome = train_and_register(_train_config(args))
+    print(f"MLflow run: {outcome.run_id}")
+    print(f"registered: {outcome.model_name} version {outcome.version}")
+    print(f"val  AUC {outcome.val['auc']:.4f}  ACC {outcome.val['acc']:.4f}")
+    print(f"test AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from serving.export import export_model
+    from training.config import default_data_dir, default_tracking_uri
+    from training.registry import load_model, resolve_model_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    uri, what = resolve_model_uri(tracking_uri, model=args.model or "", run_id=args.run_id or "")
+    report = export_model(
+        load_model(tracking_uri, uri),
+        Path(args.repository),
+        data_dir=args.data_dir or default_data_dir(),
+        max_batch_size=args.max_batch_size,
+    )
+    print(
+        f"exported {what} -> {report.model_dir}/{report.version} "
+        f"(ONNX parity max abs diff {report.max_abs_diff:.2e} at batch sizes {list(report.parity_batches)})"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import serve_foreground
+
+    def ready(server) -> None:
+        print(
+            f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+            flush=True,
+        )
+
+    return serve_foreground(_server(args), on_ready=ready)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from serving.client import TritonClassifier
+
+    failed = 0
+    with TritonClassifier(args.url, args.protocol, args.model) as client:
+        for pred in client.classify_files(args.files):
+            if pred.error:
+                failed += 1
+                print(f"error: {pred.error}", file=sys.stderr, flush=True)
+                continue
+            print(pred.as_json() if args.json else pred.as_text(), flush=True)
+    if failed:
+        print(
+            f"error: {failed} of {len(args.files)} file(s) could not be classified", file=sys.stderr
+        )
+    return 1 if failed else 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from serving.pipeline import run_pipeline
+
+    return run_pipeline(_train_config(args), _server(args), keep_serving=args.keep_serving)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medimg",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", help="train DenseNet-121 with Ray Train, track and register in MLflow"
+    )
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "export", help="export a registered model to ONNX and a Triton model repository"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="NAME, NAME/VERSION or NAME@ALIAS of a registered model")
+    which.add_argument("--run-id", help="MLflow run id of a training run")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="(default %(default)s)")
+    p.add_argument("--tracking-uri", default="")
+    p.add_argument(
+        "--data-dir", default="", help="real images for the parity check (the model's data set)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the Triton server in the foreground")
+    _add_server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("classify", help="classify image files through a running Triton server")
+    p.add_argument("files", nargs="+", help="PNG, JPEG or .npy files")
+    p.add_argument(
+        "--url", default="", help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)"
+    )
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--model", default="", help="model name (default: the only model on the server)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "pipeline", help="train, register, export, serve and evaluate through Triton"
+    )
+    _add_train_options(p)
+    _add_server_options(p)
+    p.add_argument("--keep-serving", action="store_true", help="keep the server running afterwards")
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("training", "serving"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except MedimgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""``medimg pipeline``: train -> register -> export -> serve -> evaluate through Triton.
+
+The whole test split goes through the running server over gRPC; the AUC/ACC
+measured there must agree with the in-process values to 1e-3, else the command
+fails::
+
+    medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.client import TritonClassifier
+from serving.export import export_model
+from serving.server import TritonServer, serve_foreground
+from training.config import TrainConfig
+from training.data import prepare_split
+from training.errors import ServingError
+from training.metrics import evaluate
+from training.registry import load_model
+from training.run import TrainOutcome, train_and_register
+
+AGREEMENT = 1e-3
+
+
+@dataclass
+class ServedEvaluation:
+    auc: float
+    acc: float
+    max_abs_diff: float
+    images: int
+    seconds: float
+
+
+def evaluate_served(
+    server: TritonServer, outcome: TrainOutcome, data_dir: str, size: int
+) -> ServedEvaluation:
+    """Send the whole test split through ``server`` over gRPC and score it."""
+    spec = outcome.spec
+    test = prepare_split(spec.dataset, "test", data_dir, size=size, image_size=spec.image_size)
+    started = time.perf_counter()
+    with TritonClassifier(server.grpc_url, "grpc", spec.model_name) as client:
+        probs = client.infer(test.x)
+    seconds = time.perf_counter() - started
+    scores = evaluate(spec.task, test.y, probs)
+    diff = float(np.max(np.abs(probs - outcome.test_probs)))
+    return ServedEvaluation(scores["auc"], scores["acc"], diff, len(test), seconds)
+
+
+def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:
+    for name in ("auc", "acc"):
+        here, there = outcome.test[name], getattr(served, name)
+        if not abs(here - there) <= AGREEMENT:
+            raise ServingError(
+                f"test {name.upper()} through Triton {there:.6f} differs from in-process "
+                f"{here:.6f} by more than {AGREEMENT}"
+            )
+
+
+def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
+    print(
+        f"test split ({served.images} images) in-process:   AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}"
+    )
+    print(
+        f"test split ({served.images} images) through Triton: AUC {served.auc:.4f}  ACC {served.acc:.4f}  "
+        f"(gRPC, {served.images / served.seconds:.0f} img/s, max |dp| {served.max_abs_diff:.2e})",
+        flush=True,
+    )
+
+
+def log_to_mlflow(outcome: TrainOutcome, served: ServedEvaluation, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in {
+        "triton_test_auc": served.auc,
+        "triton_test_acc": served.acc,
+        "triton_max_abs_diff": served.max_abs_diff,
+        "triton_images_per_s": served.images / served.seconds,
+    }.items():
+        client.log_metric(outcome.run_id, key, value)
+
+
+def run_pipeline(cfg: TrainConfig, server: TritonServer, *, keep_serving: bool = False) -> int:
+    started = time.perf_counter()
+    outcome = train_and_register(cfg)
+    print(
+        f"trained {outcome.model_name} version {outcome.version} (MLflow run {outcome.run_id}) "
+        f"in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    exported = export_model(
+        load_model(cfg.tracking_uri, outcome.model_uri),
+        Path(server.repository),
+        data_dir=cfg.data_dir,
+    )
+    print(
+        f"exported to {exported.model_dir} version {exported.version} "
+        f"(ONNX parity max abs diff {exported.max_abs_diff:.2e})",
+        flush=True,
+    )
+
+    def on_ready(running: TritonServer) -> None:
+        served = evaluate_served(running, outcome, cfg.data_dir, cfg.size)
+        report(outcome, served)
+        log_to_mlflow(outcome, served, cfg.tracking_uri)
+        check_agreement(outcome, served)
+        print(f"pipeline finished in {time.perf_counter() - started:.0f} s", flush=True)
+        if keep_serving:
+            print(
+                f"serving {outcome.model_name}: HTTP {running.http_url}  gRPC {running.grpc_url}  "
+                f"metrics {running.metrics_url}; Ctrl-C stops",
+                flush=True,
+            )
+
+    if keep_serving:
+        return serve_foreground(server, on_ready=on_ready)
+    with server:
+        on_ready(server)
+    return 0

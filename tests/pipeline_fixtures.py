@@ -1,0 +1,154 @@
+"""Fixtures for the training/export/CLI tests: data, an isolated environment, a trained model.
+
+Data: ``../shared/data`` when it holds ``pneumoniamnist.npz``; otherwise a tiny
+file in the official MedMNIST layout is generated (a learnable bright blob marks
+class 1), so the suite runs anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+__all__ = [
+    "cli_env",
+    "data_dir",
+    "exported",
+    "free_port",
+    "isolated_env",
+    "medimg_cmd",
+    "trained",
+    "write_medmnist_npz",
+]
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAST_RAY = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def write_medmnist_npz(
+    path: Path, counts: dict[str, int], *, seed: int = 0, n_classes: int = 2
+) -> Path:
+    """A MedMNIST-format .npz: uint8 (N, 28, 28) images, uint8 (N, 1) labels per split."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in counts.items():
+        labels = (np.arange(n) % n_classes).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 120, size=(n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            if label:
+                r, c = rng.integers(4, 16, size=2)
+                images[i, r : r + 8, c : c + 8] = 230
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels[:, None]
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if (SHARED_DATA / "pneumoniamnist.npz").exists():
+        return SHARED_DATA
+    path = tmp_path_factory.mktemp("data")
+    write_medmnist_npz(path / "pneumoniamnist.npz", {"train": 256, "val": 64, "test": 64})
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory):
+    """Ray's temp dir, MLflow's store and caches under a temporary folder, for the whole session."""
+    root = tmp_path_factory.mktemp("env")
+    values = {
+        **FAST_RAY,
+        "RAY_TMPDIR": str(root / "ray"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "XDG_CONFIG_HOME": str(root / "config"),
+        "MPLCONFIGDIR": str(root / "mpl"),
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield root
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, isolated_env: Path):
+    """One real Ray Train run: 2 workers, 1 epoch, 256 images at 32 px, tracked in MLflow."""
+    import ray
+
+    from training.config import TrainConfig
+    from training.run import train_and_register
+
+    work = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(
+        dataset="pneumoniamnist",
+        epochs=1,
+        image_size=32,
+        batch_size=32,
+        workers=2,
+        max_train_samples=256,
+        data_dir=str(data_dir),
+        tracking_uri=f"sqlite:///{work / 'mlruns' / 'mlflow.db'}",
+        storage_path=str(work / "ray_results"),
+    )
+    try:
+        outcome = train_and_register(cfg)
+    finally:
+        ray.shutdown()
+    return cfg, outcome
+
+
+@pytest.fixture
+def free_port():
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def medimg_cmd() -> list[str]:
+    """The console script of this environment, by absolute path (no activation needed)."""
+    script = Path(sys.executable).parent / "medimg"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "serving.cli"]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MEDIMG_DATA_DIR"] = str(data_dir)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory: pytest.TempPathFactory):
+    """The trained model, loaded back from the MLflow registry and exported to a repository."""
+    from serving.export import export_model
+    from training.registry import load_model, resolve_model_uri
+
+    cfg, outcome = trained
+    uri, _ = resolve_model_uri(cfg.tracking_uri, model=outcome.model_name)
+    loaded = load_model(cfg.tracking_uri, uri)
+    repository = tmp_path_factory.mktemp("model_repository")
+    report = export_model(loaded, repository, data_dir=cfg.data_dir)
+    return loaded, repository, report

@@ -1,0 +1,49 @@
+"""DenseNet-121 adapted to the data set's channels and classes; the metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.errors import ConfigError
+from training.metrics import evaluate
+from training.model import ProbabilityHead, build_model
+
+
+@pytest.mark.parametrize(("channels", "classes"), [(1, 2), (3, 9)])
+def test_model_output_shape(channels: int, classes: int) -> None:
+    model = build_model(channels, classes).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(3, channels, 32, 32))
+        probs = ProbabilityHead(model, multi_label=False)(torch.randn(3, channels, 32, 32))
+    assert logits.shape == (3, classes)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
+    assert model.features.conv0.in_channels == channels
+
+
+def test_model_rejects_bad_shapes() -> None:
+    with pytest.raises(ConfigError, match="in_channels"):
+        build_model(2, 2)
+    with pytest.raises(ConfigError, match="num_classes"):
+        build_model(1, 1)
+
+
+def test_metrics_follow_the_ranking() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(200, 1))
+    p1 = np.where(y[:, 0] == 1, rng.uniform(0.6, 1, 200), rng.uniform(0, 0.4, 200))
+    perfect = evaluate("binary-class", y, np.stack([1 - p1, p1], axis=1))
+    assert perfect == {"auc": 1.0, "acc": 1.0}
+    inverted = evaluate("binary-class", y, np.stack([p1, 1 - p1], axis=1))
+    assert inverted == {"auc": 0.0, "acc": 0.0}
+    noisy = evaluate("binary-class", y, np.stack([1 - p1, p1], axis=1)[rng.permutation(200)])
+    assert 0.3 < noisy["auc"] < 0.7
+
+
+def test_multiclass_metrics() -> None:
+    y = np.array([[0], [1], [2], [2]])
+    probs = np.eye(3)[[0, 1, 2, 1]] * 0.8 + 0.2 / 3
+    scores = evaluate("multi-class", y, probs)
+    assert scores["acc"] == 0.75
+    assert 0.5 < scores["auc"] < 1.0

@@ -1,0 +1,138 @@
+"""MLflow helpers: the experiment, the logged model with its spec, registered versions.
+
+The default store is SQLite under ``./mlruns/`` (artifacts beside it); any
+``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (e.g. ``http://127.0.0.1:5000``) works::
+
+    python -c "from training.registry import resolve_model_uri; print(resolve_model_uri('pneumoniamnist-densenet121'))"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from torch import nn
+
+from training.errors import RegistryError
+from training.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+SPEC_KEY = "medimg_spec"
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def sqlite_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (``<db dir>/artifacts``); None for servers."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :])
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created (with an explicit artifact location) when missing."""
+    import mlflow
+
+    if urlparse(tracking_uri).scheme == "sqlite":
+        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = _client(tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return client.create_experiment(name, artifact_location=sqlite_artifact_root(tracking_uri))
+    except Exception as exc:
+        raise RegistryError(f"MLflow at {tracking_uri}: cannot open experiment {name!r}: {exc}") from exc
+
+
+def log_and_register(model: nn.Module, spec: ModelSpec, registered_name: str) -> tuple[str, str]:
+    """Log ``model`` (which returns probabilities) to the active run and register it.
+
+    Returns (model URI, registered version).
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    size = (-1, spec.channels, spec.image_size, spec.image_size)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), size, spec.input_name)]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, spec.num_classes), spec.output_name)]),
+    )
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        serialization_format="pickle",
+        signature=signature,
+        metadata={SPEC_KEY: json.loads(spec.to_json())},
+        registered_model_name=registered_name,
+    )
+    version = str(info.registered_model_version) if info.registered_model_version else ""
+    return info.model_uri, version
+
+
+def resolve_model_uri(tracking_uri: str, model: str = "", run_id: str = "") -> tuple[str, str]:
+    """``NAME``, ``NAME/VERSION`` or ``NAME@alias``, or a run id -> (model URI, description).
+
+    Without a version, the newest registered version is taken.
+    """
+    client = _client(tracking_uri)
+    try:
+        if run_id:
+            client.get_run(run_id)
+            return f"runs:/{run_id}/model", f"run {run_id}"
+        if "@" in model:
+            name, alias = model.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        elif "/" in model:
+            name, version = model.rsplit("/", 1)
+            client.get_model_version(name, version)
+        else:
+            name = model
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"MLflow at {tracking_uri}: no registered model named {name!r}")
+            version = str(max(int(v.version) for v in versions))
+    except RegistryError:
+        raise
+    except Exception as exc:
+        what = f"run {run_id!r}" if run_id else f"model {model!r}"
+        raise RegistryError(f"MLflow at {tracking_uri}: cannot find {what}: {exc}") from exc
+    return f"models:/{name}/{version}", f"{name} version {version}"
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module  # returns probabilities
+    spec: ModelSpec
+    uri: str
+
+
+def load_model(tracking_uri: str, uri: str) -> LoadedModel:
+    """Load a model logged by :func:`log_and_register`, with its spec."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(uri)
+        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:
+        raise RegistryError(f"MLflow at {tracking_uri}: cannot load {uri}: {exc}") from exc
+    meta = (info.metadata or {}).get(SPEC_KEY)
+    if meta is None:
+        raise RegistryError(f"{uri}: not a medimg model (no {SPEC_KEY!r} in its MLflow metadata)")
+    module.eval()
+    return LoadedModel(module=module, spec=ModelSpec.from_dict(meta), uri=uri)
