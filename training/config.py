@@ -65,7 +65,12 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.size in (28, 64, 128, 224), "size", "one of 28, 64, 128, 224", self.size),
-            (self.image_size >= 32, "image_size", ">= 32 (DenseNet-121 pools 5 times)", self.image_size),
+            (
+                self.image_size >= 32,
+                "image_size",
+                ">= 32 (DenseNet-121 pools 5 times)",
+                self.image_size,
+            ),
             (self.epochs >= 1, "epochs", ">= 1", self.epochs),
             (self.batch_size >= 2, "batch_size", ">= 2 (batch norm)", self.batch_size),
             (self.lr > 0, "lr", "> 0", self.lr),

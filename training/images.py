@@ -1,6 +1,6 @@
 """Read one image file (PNG, JPEG, or a NumPy ``.npy`` array) as a uint8 array.
 
-    python -c "from training.images import read_image; print(read_image('x.png').shape)"
+python -c "from training.images import read_image; print(read_image('x.png').shape)"
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ ARRAY_SUFFIXES = {".npy"}
 def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
-    if np.issubdtype(array.dtype, np.floating) and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+    if (
+        np.issubdtype(array.dtype, np.floating)
+        and array.size
+        and array.min() >= 0.0
+        and array.max() <= 1.0
+    ):
         return np.round(array * 255.0).astype(np.uint8)
     lo, hi = float(array.min()), float(array.max())
     if hi <= lo:
@@ -44,7 +49,9 @@ def read_image(path: str | Path) -> np.ndarray:
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
             array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-            raise DataError(f"{path}: expected an (H, W) or (H, W, C) image array, got shape {array.shape}")
+            raise DataError(
+                f"{path}: expected an (H, W) or (H, W, C) image array, got shape {array.shape}"
+            )
         if not np.issubdtype(array.dtype, np.number):
             raise DataError(f"{path}: expected a numeric array, got dtype {array.dtype}")
         return _scale_to_uint8(array)
@@ -57,4 +64,6 @@ def read_image(path: str | Path) -> np.ndarray:
                 img = img.convert("RGB")
             return np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"{path}: not a readable image (PNG, JPEG or .npy expected): {exc}") from exc
+        raise DataError(
+            f"{path}: not a readable image (PNG, JPEG or .npy expected): {exc}"
+        ) from exc

@@ -52,7 +52,9 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
             return experiment.experiment_id
         return client.create_experiment(name, artifact_location=sqlite_artifact_root(tracking_uri))
     except Exception as exc:
-        raise RegistryError(f"MLflow at {tracking_uri}: cannot open experiment {name!r}: {exc}") from exc
+        raise RegistryError(
+            f"MLflow at {tracking_uri}: cannot open experiment {name!r}: {exc}"
+        ) from exc
 
 
 def log_and_register(model: nn.Module, spec: ModelSpec, registered_name: str) -> tuple[str, str]:

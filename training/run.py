@@ -22,8 +22,20 @@ from training.registry import ensure_experiment, log_and_register
 from training.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-PARAMS = ("dataset", "size", "image_size", "epochs", "batch_size", "lr", "weight_decay",
-          "workers", "cpus_per_worker", "use_gpu", "max_train_samples", "seed")
+PARAMS = (
+    "dataset",
+    "size",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "workers",
+    "cpus_per_worker",
+    "use_gpu",
+    "max_train_samples",
+    "seed",
+)
 
 
 @dataclass
@@ -55,7 +67,9 @@ def train_and_register(cfg: TrainConfig) -> TrainOutcome:
     except MedimgError:
         raise
     except Exception as exc:
-        raise TrainingError(f"training run {cfg.mlflow_run_id} failed: {type(exc).__name__}: {exc}") from exc
+        raise TrainingError(
+            f"training run {cfg.mlflow_run_id} failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _train_in_run(cfg: TrainConfig) -> TrainOutcome:
@@ -71,7 +85,9 @@ def _train_in_run(cfg: TrainConfig) -> TrainOutcome:
     result, weights = fit(cfg)
     best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_auc"])[1]
     val = {"auc": float(best["val_auc"]), "acc": float(best["val_acc"])}
-    mlflow.log_metrics({"best_val_auc": val["auc"], "best_val_acc": val["acc"], "best_epoch": best["epoch"]})
+    mlflow.log_metrics(
+        {"best_val_auc": val["auc"], "best_val_acc": val["acc"], "best_epoch": best["epoch"]}
+    )
 
     state, _ = load_weights(weights)
     model = build_model(spec.channels, spec.num_classes)
@@ -79,14 +95,27 @@ def _train_in_run(cfg: TrainConfig) -> TrainOutcome:
     served = ProbabilityHead(model, spec.multi_label).eval()
 
     # The test split, touched once: the best checkpoint by val AUC.
-    test = prepare_split(cfg.dataset, "test", cfg.data_dir, size=cfg.size, image_size=cfg.image_size)
+    test = prepare_split(
+        cfg.dataset, "test", cfg.data_dir, size=cfg.size, image_size=cfg.image_size
+    )
     with torch.no_grad():
         probs = np.concatenate(
-            [served(torch.from_numpy(test.x[i : i + 128])).numpy() for i in range(0, len(test), 128)]
+            [
+                served(torch.from_numpy(test.x[i : i + 128])).numpy()
+                for i in range(0, len(test), 128)
+            ]
         )
     scores = evaluate(spec.task, test.y, probs)
     mlflow.log_metrics({"test_auc": scores["auc"], "test_acc": scores["acc"]})
     model_uri, version = log_and_register(served, spec, spec.model_name)
-    return TrainOutcome(run_id=cfg.mlflow_run_id, model_name=spec.model_name, version=version,
-                        model_uri=model_uri, val=val, test=scores, test_probs=probs,
-                        test_labels=test.y, spec=spec)
+    return TrainOutcome(
+        run_id=cfg.mlflow_run_id,
+        model_name=spec.model_name,
+        version=version,
+        model_uri=model_uri,
+        val=val,
+        test=scores,
+        test_probs=probs,
+        test_labels=test.y,
+        spec=spec,
+    )

@@ -42,7 +42,9 @@ def _targets(spec: ModelSpec, y: torch.Tensor) -> torch.Tensor:
     return y.float() if spec.multi_label else y[:, 0].long()
 
 
-def _gather_probs(model: nn.Module, x: np.ndarray, spec: ModelSpec, rank: int, world: int) -> np.ndarray:
+def _gather_probs(
+    model: nn.Module, x: np.ndarray, spec: ModelSpec, rank: int, world: int
+) -> np.ndarray:
     """Each rank predicts rank::world of ``x``; every rank gets all predictions back."""
     idx = np.arange(rank, len(x), world)
     probs = predict_proba(model, x[idx], multi_label=spec.multi_label) if len(idx) else None
@@ -63,6 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(config)
+    log.setLevel(logging.INFO)  # Ray Train V2 shows worker log records once (prints twice)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.cpus_per_worker >= 1:
@@ -70,12 +73,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     spec = ModelSpec.for_dataset(cfg.dataset, cfg.image_size)
 
-    train = prepare_split(cfg.dataset, "train", cfg.data_dir, size=cfg.size, image_size=cfg.image_size,
-                          max_samples=cfg.max_train_samples, seed=cfg.seed)
+    train = prepare_split(
+        cfg.dataset,
+        "train",
+        cfg.data_dir,
+        size=cfg.size,
+        image_size=cfg.image_size,
+        max_samples=cfg.max_train_samples,
+        seed=cfg.seed,
+    )
     val = prepare_split(cfg.dataset, "val", cfg.data_dir, size=cfg.size, image_size=cfg.image_size)
     dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(dataset) > cfg.batch_size)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
+    )
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(dataset) > cfg.batch_size
+    )
 
     model = ray.train.torch.prepare_model(build_model(spec.channels, spec.num_classes))
     device = ray.train.torch.get_device()
@@ -103,7 +117,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             count += len(x)
             if rank == 0 and (step % 25 == 0 or step == steps):
                 rate = count * world / (time.perf_counter() - started)
-                print(f"epoch {epoch}/{cfg.epochs} step {step}/{steps} loss {total / count:.4f} {rate:.0f} img/s", flush=True)
+                log.info(
+                    "epoch %d/%d step %d/%d loss %.4f %.0f img/s",
+                    epoch,
+                    cfg.epochs,
+                    step,
+                    steps,
+                    total / count,
+                    rate,
+                )
         scheduler.step()
         sums = torch.tensor([total, count], dtype=torch.float64)
         if world > 1:
@@ -120,15 +142,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_time_s": time.perf_counter() - started,
         }
         if rank == 0:
-            print(f"epoch {epoch}/{cfg.epochs} train_loss {train_loss:.4f} val_auc {metrics['val_auc']:.4f} "
-                  f"val_acc {metrics['val_acc']:.4f}", flush=True)
+            log.info(
+                "epoch %d/%d train_loss %.4f val_auc %.4f val_acc %.4f",
+                epoch,
+                cfg.epochs,
+                train_loss,
+                metrics["val_auc"],
+                metrics["val_acc"],
+            )
             if mlflow_client is not None:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                mlflow_client.log_batch(cfg.mlflow_run_id, metrics=[
-                    Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"
-                ])
+                mlflow_client.log_batch(
+                    cfg.mlflow_run_id,
+                    metrics=[
+                        Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"
+                    ],
+                )
             with tempfile.TemporaryDirectory() as tmp:
                 save_weights(model, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -179,7 +210,11 @@ def fit(cfg: TrainConfig) -> tuple[Any, Path]:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own types
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
-    best = result.get_best_checkpoint(metric="val_auc", mode="max") if result.best_checkpoints else None
+    best = (
+        result.get_best_checkpoint(metric="val_auc", mode="max")
+        if result.best_checkpoints
+        else None
+    )
     if best is None:
         raise TrainingError(f"training run {run_name} reported no checkpoint")
     with best.as_directory() as ckpt_dir:

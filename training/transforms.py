@@ -58,7 +58,9 @@ def to_model_input(images: np.ndarray, image_size: int, channels: int) -> np.nda
     if images.dtype != np.uint8:
         raise DataError(f"images: expected dtype uint8, got {images.dtype}")
     if images.ndim not in (3, 4) or len(images) == 0:
-        raise DataError(f"images: expected a non-empty (N, H, W[, C]) array, got shape {images.shape}")
+        raise DataError(
+            f"images: expected a non-empty (N, H, W[, C]) array, got shape {images.shape}"
+        )
     out = np.empty((len(images), channels, image_size, image_size), dtype=np.float32)
     for i, image in enumerate(images):
         resized = _resize(_to_channels(image, channels), image_size)

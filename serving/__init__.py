@@ -1,0 +1,1 @@
+"""Serving: the Triton model repository, the embedded tritonserver, clients and the CLI."""

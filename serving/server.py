@@ -1,0 +1,403 @@
+"""Run the real ``tritonserver`` that ships inside the nvidia-pytriton wheel, on CPU.
+
+:func:`prepare_server_home` copies the wheel's server tree once into a cache
+(``$MEDIMG_CACHE_DIR``, else ``$XDG_CACHE_HOME/medimg``, else ``~/.cache/medimg``)
+together with the Python-backend stub for the running Python; :class:`TritonServer`
+runs it as a child process in its own session, with an environment that lets
+Python-backend models import this environment's packages whether or not the venv
+is activated (:func:`server_env`)::
+
+    python -c "from pathlib import Path; from serving.server import TritonServer, serve_foreground; \
+raise SystemExit(serve_foreground(TritonServer(Path('model_repository')), on_ready=lambda s: print(s.http_url)))"
+
+"Failed to initialize NVML" / "CudaDriverHelper has not been initialized" are harmless on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from serving.repository import CONFIG_FILE
+from training.errors import ConfigError, ServingError
+
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+# On SIGTERM tritonserver waits up to --exit-timeout-secs (default 30) for in-flight requests
+# *and idle keep-alive HTTP connections*, then exits with code 1. Keep it well under stop()'s
+# timeout so the server ends by itself, not by SIGKILL. Override with extra_args.
+EXIT_TIMEOUT_S = 5
+_PR_SET_PDEATHSIG = 1
+
+
+def cache_dir() -> Path:
+    """Where medimg keeps the prepared server (created on demand)."""
+    if os.environ.get("MEDIMG_CACHE_DIR"):
+        return Path(os.environ["MEDIMG_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "medimg"
+    return Path.home() / ".cache" / "medimg"
+
+
+def wheel_paths() -> tuple[Path, Path]:
+    """``(pytriton/tritonserver, nvidia_pytriton.libs)`` inside the installed wheel."""
+    found = importlib.util.find_spec("pytriton")  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ServingError("nvidia-pytriton is not installed: pip install nvidia-pytriton")
+    package = Path(next(iter(found.submodule_search_locations)))
+    dist, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+    if not (dist / "bin" / "tritonserver").is_file() or not libs.is_dir():
+        raise ServingError(f"no tritonserver binary or libraries in {package.parent}")
+    return dist, libs
+
+
+def _home_complete(home: Path) -> bool:
+    stub = home / "backends" / "python" / "triton_python_backend_stub"
+    return os.access(home / "bin" / "tritonserver", os.X_OK) and os.access(stub, os.X_OK)
+
+
+def prepare_server_home(cache: Path | None = None) -> Path:
+    """Copy the wheel's server tree plus this Python's backend stub into the cache, once.
+
+    Built in a temporary directory beside its final place and renamed into it, so
+    concurrent or interrupted runs never see half a copy.
+    """
+    dist, _ = wheel_paths()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / python / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in (dist / "python_backend_stubs").iterdir() if p.is_dir())
+        raise ServingError(f"nvidia-pytriton has no backend stub for Python {python}; has {have}")
+    cache = Path(cache) if cache is not None else cache_dir()
+    home = cache / f"tritonserver-{importlib.metadata.version('nvidia-pytriton')}-py{python}"
+    if _home_complete(home):
+        return home
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{home.name}.new-"))
+    try:
+        tree = staging / "t"
+        ignore = shutil.ignore_patterns("python_backend_stubs", "__pycache__")
+        shutil.copytree(dist, tree, ignore=ignore)
+        shutil.copy2(stub, tree / "backends" / "python" / "triton_python_backend_stub")
+        if _home_complete(home):  # another process finished first: use its copy
+            return home
+        if home.exists():  # broken leftover (files deleted by hand): move it aside
+            os.replace(home, staging / "broken")
+        try:
+            os.replace(tree, home)
+        except OSError:
+            if not _home_complete(home):  # anything but losing a race to a complete copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return home
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its Python-backend stubs.
+
+    The stub embeds Python in *isolated* mode: it ignores ``PYTHONPATH`` and
+    ``PYTHONHOME`` and finds ``sys.prefix`` by looking ``python3`` up on ``PATH``
+    (a venv's ``bin/python3`` beside ``pyvenv.cfg`` gives the venv's site-packages).
+    So ``PATH`` starts with this environment's ``bin``; ``LD_LIBRARY_PATH`` holds the
+    wheel's libraries and this Python's LIBDIR (else the stub loads a system
+    libpython of the same minor version, or none); ``PYTHONPATH`` lists this
+    environment's site-packages for any stub that does read the environment.
+    """
+    env = dict(os.environ if base is None else base)
+    _, libs = wheel_paths()
+
+    def joined(first: list[str], existing: str | None) -> str:
+        parts = [*first, *(existing.split(os.pathsep) if existing else [])]
+        return os.pathsep.join(dict.fromkeys(p for p in parts if p))
+
+    bindir = Path(sys.prefix) / "bin"
+    if not (bindir / "python3").exists():
+        bindir = Path(sys.executable).parent
+    env["PATH"] = joined([str(bindir)], env.get("PATH") or os.defpath)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = joined([str(libs), libdir], env.get("LD_LIBRARY_PATH"))
+    paths = sysconfig.get_paths()
+    env["PYTHONPATH"] = joined([paths["purelib"], paths["platlib"]], env.get("PYTHONPATH"))
+    for name in ("PYTHONHOME", "PYTHONSTARTUP"):
+        env.pop(name, None)
+    return env
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind ``host:port`` now (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class TritonServer:
+    """A tritonserver child process serving ``repository``; use as a context manager."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        log_file: Path | None = None,
+        model_control_mode: str = "none",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if model_control_mode not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}"
+            )
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        for name, port in self.ports.items():
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ConfigError(f"{name} port must be an integer in 1..65535, got {port!r}")
+        if len(set(self.ports.values())) != 3:
+            raise ConfigError(f"http, grpc and metrics ports must differ, got {self.ports}")
+        if isinstance(extra_args, str):
+            raise ConfigError("extra_args must be a sequence of arguments, not one string")
+        self.repository, self.host = Path(repository), host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.model_control_mode, self.extra_args = model_control_mode, list(extra_args)
+        self._url_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        self._log_file = Path(log_file) if log_file is not None else None
+        self.log_path: Path | None = None  # the server's stdout+stderr, once started
+        self._own_log = False
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._url_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port``, as ``tritonclient.grpc`` wants it (no scheme)."""
+        return f"{self._url_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._url_host}:{self.metrics_port}/metrics"
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 64 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def command(self, home: Path) -> list[str]:
+        """The tritonserver command line, for a server ``home`` from prepare_server_home()."""
+        args = [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={home / 'backends'}",
+            f"--cache-directory={home / 'caches'}",
+            *(f"--{kind}-address={self.host}" for kind in self.ports),
+            *(f"--{kind}-port={port}" for kind, port in self.ports.items()),
+            "--allow-gpu-metrics=false",  # no NVML/DCGM warnings on CPU
+            "--pinned-memory-pool-byte-size=0",  # no CUDA: skip the failing pinned pool
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--model-control-mode={self.model_control_mode}",
+            # Private shared-memory regions: two servers on one machine must not share them.
+            f"--backend-config=python,shm-region-prefix-name=medimg{os.getpid()}-{secrets.token_hex(4)}_",
+        ]
+        given = {a.split("=")[0] for a in self.extra_args}
+        if self.model_control_mode == "explicit" and "--load-model" not in given:
+            args.append("--load-model=*")
+        if "--exit-timeout-secs" not in given:
+            args.append(f"--exit-timeout-secs={EXIT_TIMEOUT_S}")
+        return args + self.extra_args
+
+    def start(self) -> None:
+        """Validate, then spawn tritonserver (returns at once; see :meth:`wait_ready`)."""
+        if self.running():
+            raise ServingError(f"tritonserver already running (pid {self.pid})")
+        repo = self.repository
+        if not repo.is_dir():
+            problem = "is not a directory" if repo.exists() else "does not exist"
+            raise ServingError(f"model repository {repo} {problem}")
+        if not any((p / CONFIG_FILE).is_file() for p in repo.iterdir() if p.name[0] != "."):
+            raise ServingError(f"model repository {repo} holds no model (no <model>/{CONFIG_FILE})")
+        for name, port in self.ports.items():
+            if port_in_use(self.host, port):
+                raise ServingError(f"{name} port {port} on {self.host} is already in use")
+        home = prepare_server_home()
+        if self._log_file is not None:
+            self._log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path, self._own_log = self._log_file, False
+        else:
+            fd, name = tempfile.mkstemp(prefix="medimg-tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path, self._own_log = Path(name), True
+        main_thread = threading.current_thread() is threading.main_thread()
+        try:
+            with open(self.log_path, "ab") as log:
+                self._process = subprocess.Popen(
+                    self.command(home),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=server_env(),
+                    cwd=home,
+                    start_new_session=True,  # Ctrl-C reaches us, not the server; we stop it
+                    # SIGTERM when the thread that started it ends: only safe from the main thread.
+                    preexec_fn=_die_with_parent if main_thread else None,
+                )
+        except OSError as exc:
+            raise ServingError(f"cannot run {home / 'bin' / 'tritonserver'}: {exc}") from exc
+
+    def wait_ready(
+        self, timeout: float = 120, *, interrupted: threading.Event | None = None
+    ) -> bool:
+        """Poll ``/v2/health/ready`` until 200 (True), or until ``interrupted`` is set (False).
+
+        ServingError with the log tail if the server exits first; after ``timeout``
+        s it is stopped and ServingError raised.
+        """
+        if self._process is None:
+            raise ServingError("tritonserver was not started")
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise ServingError(
+                    f"tritonserver exited with code {code} before it was ready "
+                    f"(log {self.log_path}):\n{self.log_tail()}"
+                )
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no *_proxy
+            try:
+                with opener.open(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            except OSError:  # URLError, refused, reset, timeout
+                pass
+            if interrupted is not None and interrupted.is_set():
+                return False
+            if time.monotonic() > deadline:
+                tail = self.log_tail()
+                self.stop()
+                raise ServingError(
+                    f"tritonserver not ready after {timeout:.0f} s; stopped:\n{tail}"
+                )
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL to its process group after ``timeout`` s; returns the exit code."""
+        process = self._process
+        if process is None:
+            raise ServingError("tritonserver was not started")
+        if process.poll() is None:
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # the server and its backend stubs
+                process.wait()
+            except ProcessLookupError:
+                process.wait()
+        if process.returncode != 0:  # e.g. killed while loading: its backend stubs may linger
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # our session; gone if none are left
+        if self._own_log and self.log_path is not None and process.returncode == 0:
+            self.log_path.unlink(missing_ok=True)
+        return process.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            if self.running():
+                self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            self.stop()
+
+
+def serve_foreground(
+    server: TritonServer, *, on_ready: Callable[[TritonServer], None] | None = None
+) -> int:
+    """Run ``server`` until SIGINT/SIGTERM (returns 0) or until it dies (returns non-zero).
+
+    Call from the main thread: it installs signal handlers, restored before returning.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise ServingError("serve_foreground must run in the main thread (it handles signals)")
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda _signum, _frame: stop.set())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        server.start()
+        try:
+            if server.wait_ready(interrupted=stop) and not stop.is_set() and on_ready is not None:
+                on_ready(server)
+            while not stop.wait(0.5):
+                if not server.running():
+                    code = server.stop()
+                    tail = server.log_tail()
+                    print(
+                        f"tritonserver exited on its own with code {code} "
+                        f"(log {server.log_path}):\n{tail}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 128 - code if code < 0 else code or 1
+        except BaseException:
+            if server.running():
+                server.stop()
+            raise
+        code = server.stop()
+        if code != 0:  # e.g. 1 when idle client connections outlived --exit-timeout-secs
+            print(f"tritonserver stopped with code {code}:\n{server.log_tail(8)}", file=sys.stderr)
+        return 0
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

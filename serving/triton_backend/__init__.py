@@ -1,0 +1,1 @@
+"""Files copied verbatim into a Triton model repository (the Python-backend model)."""

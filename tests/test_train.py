@@ -1,0 +1,89 @@
+"""A real Ray Train run (2 workers) tracked in a real MLflow store; failures close the run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from pipeline_fixtures import write_medmnist_npz
+
+from training.config import TrainConfig
+from training.errors import DataError
+from training.metrics import evaluate
+from training.run import train_and_register
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_train_reports_checkpoint_and_registers(trained) -> None:
+    cfg, outcome = trained
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for key in ("train_loss", "val_auc", "val_acc", "best_val_auc", "test_auc", "test_acc"):
+        assert key in metrics, key
+    # per-epoch metrics come from rank 0, one step per epoch
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "val_auc")] == [1]
+    assert run.data.params["workers"] == "2" and run.data.params["max_train_samples"] == "256"
+    assert metrics["test_auc"] == pytest.approx(outcome.test["auc"])
+    # the test metrics are those of the probabilities the run produced
+    assert evaluate(outcome.spec.task, outcome.test_labels, outcome.test_probs)[
+        "auc"
+    ] == pytest.approx(metrics["test_auc"])
+    version = client.get_model_version(outcome.model_name, outcome.version)
+    assert version.run_id == outcome.run_id and outcome.model_name == "pneumoniamnist-densenet121"
+    # Ray kept the epoch's checkpoint on disk
+    checkpoints = list(Path(cfg.storage_path).glob("*/checkpoint_*/model.pt"))
+    assert len(checkpoints) == 1
+    assert outcome.test_probs.shape == (len(outcome.test_labels), 2)
+    np.testing.assert_allclose(outcome.test_probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bad_data_fails_the_mlflow_run(tmp_path: Path) -> None:
+    write_medmnist_npz(
+        tmp_path / "pneumoniamnist.npz", {"train": 8, "val": 4, "test": 4}, n_classes=5
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig(data_dir=str(tmp_path), tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    with pytest.raises(DataError, match="train_labels"):
+        train_and_register(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("medimg")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
+    unknown = subprocess.run(
+        [*medimg_cmd, "train", "--dataset", "lungmnist"],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode != 0
+    assert "lungmnist" in unknown.stderr and "pneumoniamnist" in unknown.stderr
+    missing = subprocess.run(
+        [*medimg_cmd, "train", "--data-dir", str(tmp_path / "nowhere")],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode != 0
+    assert str(tmp_path / "nowhere" / "pneumoniamnist.npz") in missing.stderr
+    bad_size = subprocess.run(
+        [*medimg_cmd, "train", "--image-size", "16"],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad_size.returncode != 0 and "image_size" in bad_size.stderr

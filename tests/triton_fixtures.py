@@ -1,0 +1,88 @@
+"""Fixtures for the Triton tests: a tiny ONNX classifier, its ModelSpec and a model repository.
+
+Imported by ``tests/conftest.py``; run the tests that use them with::
+
+    python -m pytest tests/test_repository.py tests/test_server.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from training.spec import ModelSpec
+
+__all__ = [
+    "tiny_classifier_onnx",
+    "tiny_classifier_repository",
+    "tiny_classifier_spec",
+    "triton_cache_dir",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_spec() -> ModelSpec:
+    return ModelSpec(
+        dataset="pneumoniamnist",
+        task="binary-class",
+        class_names=("normal", "pneumonia"),
+        image_size=32,
+        channels=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Conv → pool → linear → softmax, input (N, 1, 32, 32), output (N, 2); dynamic batch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+        torch.nn.Softmax(dim=1),
+    ).eval()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 1, 32, 32),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_repository(
+    tmp_path_factory: pytest.TempPathFactory, tiny_classifier_spec, tiny_classifier_onnx
+) -> Path:
+    """A model repository holding the tiny classifier as ``pneumoniamnist-densenet121`` v1."""
+    from serving.repository import write_classifier
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    write_classifier(repository, tiny_classifier_spec, tiny_classifier_onnx)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Point ``MEDIMG_CACHE_DIR`` (the prepared tritonserver copy, ~29 MB) at a temporary dir."""
+    path = tmp_path_factory.mktemp("medimg_cache")
+    old = os.environ.get("MEDIMG_CACHE_DIR")
+    os.environ["MEDIMG_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MEDIMG_CACHE_DIR", None)
+    else:
+        os.environ["MEDIMG_CACHE_DIR"] = old
