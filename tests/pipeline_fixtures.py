@@ -141,14 +141,30 @@ def cli_env(tmp_path: Path, data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def exported(trained, tmp_path_factory: pytest.TempPathFactory):
-    """The trained model, loaded back from the MLflow registry and exported to a repository."""
-    from serving.export import export_model
-    from training.registry import load_model, resolve_model_uri
+def exported(trained, tmp_path_factory: pytest.TempPathFactory, medimg_cmd):
+    """``medimg export --run-id`` of the trained run, and the model loaded back from MLflow."""
+    import subprocess
+
+    from serving.export import ExportReport
+    from training.registry import load_model
 
     cfg, outcome = trained
-    uri, _ = resolve_model_uri(cfg.tracking_uri, model=outcome.model_name)
-    loaded = load_model(cfg.tracking_uri, uri)
     repository = tmp_path_factory.mktemp("model_repository")
-    report = export_model(loaded, repository, data_dir=cfg.data_dir)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri, "MEDIMG_DATA_DIR": cfg.data_dir}
+    args = [*medimg_cmd, "export", "--run-id", outcome.run_id, "--repository", str(repository)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    diff = float(result.stdout.split("parity max abs diff ")[1].split()[0])
+    batches = tuple(
+        int(b) for b in result.stdout.split("at batch sizes [")[1].split("]")[0].split(",")
+    )
+    model_dir = repository / outcome.model_name
+    report = ExportReport(
+        onnx_path=model_dir / "1" / "model.onnx",
+        model_dir=model_dir,
+        version=1,
+        max_abs_diff=diff,
+        parity_batches=batches,
+    )
+    loaded = load_model(cfg.tracking_uri, f"runs:/{outcome.run_id}/model")
     return loaded, repository, report

@@ -65,3 +65,12 @@ def test_config_parses_back(exported) -> None:
     assert (report.model_dir / "labels.txt").read_text().split() == ["normal", "pneumonia"]
     assert (report.model_dir / str(report.version) / "model.py").exists()
     assert report.version == 1 and Path(repository).is_dir()
+
+
+def test_cli_export_wrote_the_run_model(exported, trained) -> None:
+    """The ``exported`` fixture ran ``medimg export --run-id``; its ONNX is the run's model."""
+    _, outcome = trained
+    loaded, _, report = exported
+    assert loaded.spec.model_name == outcome.model_name
+    assert report.onnx_path.stat().st_size > 1_000_000
+    assert 0 <= report.max_abs_diff <= PARITY_ATOL

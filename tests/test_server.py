@@ -1,21 +1,18 @@
 """serving.server: the real tritonserver from the nvidia-pytriton wheel, serving the tiny classifier.
 
-python -m pytest tests/test_server.py -q
+One shared server for the whole module: readiness, HTTP/gRPC inference, batching,
+bad requests. Servers started, stopped and killed one per test are in
+tests/test_server_lifecycle.py::
+
+    python -m pytest tests/test_server.py -q
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import sysconfig
-import textwrap
 import threading
-import time
 import urllib.request
-from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +20,13 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from triton_fixtures import MODEL, _children, _ports
 from tritonclient.utils import InferenceServerException
 
-from serving.server import (
-    TritonServer,
-    find_free_port,
-    port_in_use,
-    prepare_server_home,
-)
-from training.errors import ConfigError, ServingError
+from serving.server import TritonServer, port_in_use
+from training.errors import ServingError
 
 pytestmark = pytest.mark.timeout(300)
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "pneumoniamnist-densenet121"
-
-
-def _ports() -> dict[str, int]:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(find_free_port())
-    http, grpc, metrics = sorted(ports)
-    return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -190,23 +172,6 @@ def test_dynamic_batching_merges_concurrent_requests(server, reference):
     assert executions < inferences, (executions, inferences)
 
 
-def _processes(field: int, value: int) -> list[int]:
-    """PIDs whose /proc/<pid>/stat field (after the name) equals value: 1 = ppid, 2 = pgid."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[field]) == value and fields[0] not in "ZX":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _children(pid: int) -> list[int]:
-    return _processes(1, pid)
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_backend_stub_runs_this_python_and_its_packages(server):
     stubs = [
@@ -232,268 +197,3 @@ def test_busy_port_is_refused_by_name(server, tiny_classifier_repository):
     with pytest.raises(ServingError, match=f"grpc port {server.grpc_port}"):
         other.start()
     assert other.pid is None
-
-
-# -- servers of their own ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", ["missing", "file", "empty", "no-config"])
-def test_unusable_repository_fails_at_once(triton_cache_dir, tmp_path, case):
-    repo = tmp_path / "repo"
-    if case == "file":
-        repo.write_text("not a directory")
-    elif case == "empty":
-        repo.mkdir()
-    elif case == "no-config":
-        (repo / "model" / "1").mkdir(parents=True)
-    server = TritonServer(repo, **_ports())
-    started = time.monotonic()
-    with pytest.raises(ServingError, match=str(repo)):
-        server.start()
-    assert time.monotonic() - started < 5
-    assert server.pid is None and not server.running()
-
-
-def test_bad_options_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="model_control_mode"):
-        TritonServer(tmp_path, model_control_mode="sometimes")
-    with pytest.raises(ConfigError, match="differ"):
-        TritonServer(tmp_path, http_port=9000, grpc_port=9000, metrics_port=9002)
-    with pytest.raises(ConfigError, match="http port"):
-        TritonServer(tmp_path, http_port=0)
-
-
-def test_model_that_fails_to_load_raises_with_log_tail(
-    triton_cache_dir, tmp_path, tiny_classifier_repository
-):
-    import shutil
-
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_classifier_repository, repo)
-    (repo / MODEL / "1" / "model.onnx").write_bytes(b"this is not an ONNX file")
-    server = TritonServer(repo, log_file=tmp_path / "server.log", **_ports())
-    server.start()
-    with pytest.raises(ServingError) as error:
-        server.wait_ready(timeout=120)
-    message = str(error.value)
-    assert "exited with code 1 before it was ready" in message
-    assert "INVALID_PROTOBUF" in message and "model.onnx" in message  # the log tail
-    assert not server.running()
-
-
-def test_stop_returns_zero_and_frees_the_ports(triton_cache_dir, tiny_classifier_repository):
-    ports = _ports()
-    with TritonServer(tiny_classifier_repository, **ports) as server:
-        pid = server.pid
-        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
-        assert client.is_model_ready(MODEL)
-        client.close()
-        started = time.monotonic()
-        code = server.stop()
-    assert code == 0
-    assert time.monotonic() - started < 15
-    assert not server.running()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    for port in ports.values():
-        assert not port_in_use("127.0.0.1", port)
-    assert server.stop() == 0  # idempotent
-
-
-def test_prepare_server_home_concurrently(tmp_path):
-    script = "import sys; from serving.server import prepare_server_home; print(prepare_server_home(sys.argv[1]))"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(tmp_path)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    homes = {p.communicate(timeout=120)[0].strip() for p in procs}
-    assert [p.returncode for p in procs] == [0, 0, 0]
-    (home,) = homes
-    assert Path(home) == prepare_server_home(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [Path(home).name]  # no staging leftovers
-    assert os.access(Path(home) / "backends" / "python" / "triton_python_backend_stub", os.X_OK)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")  # a zombie waiting for a reaper has ended
-
-
-def test_server_dies_with_the_process_that_started_it(
-    triton_cache_dir, tiny_classifier_repository, tmp_path
-):
-    script = textwrap.dedent(
-        """
-        import os, sys
-        from pathlib import Path
-        from serving.server import TritonServer, find_free_port
-        server = TritonServer(Path(sys.argv[1]), http_port=find_free_port(),
-                              grpc_port=find_free_port(), metrics_port=find_free_port(),
-                              log_file=Path(sys.argv[2]))
-        server.start()
-        server.wait_ready()
-        print(server.pid, flush=True)
-        os._exit(0)  # no stop(), no atexit: only PR_SET_PDEATHSIG can end the server
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_classifier_repository), str(tmp_path / "log")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    pid = int(done.stdout.split()[-1])
-    deadline = time.monotonic() + 30
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _gone(pid), f"tritonserver {pid} outlived its parent"
-
-
-def _stripped_env(cache: Path) -> dict[str, str]:
-    """No venv on PATH, no VIRTUAL_ENV/PYTHONPATH/LD_LIBRARY_PATH: only the absolute interpreter."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "MEDIMG_CACHE_DIR": str(cache),
-    }
-
-
-def test_server_works_without_an_activated_venv(triton_cache_dir, tiny_classifier_repository):
-    script = textwrap.dedent(
-        """
-        import json, sys
-        import numpy as np
-        import tritonclient.http as httpclient
-        from pathlib import Path
-        from serving.server import TritonServer, find_free_port, port_in_use
-
-        ports = dict(http_port=find_free_port(), grpc_port=find_free_port(), metrics_port=find_free_port())
-        with TritonServer(Path(sys.argv[1]), **ports) as server:
-            client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
-            inp = httpclient.InferInput("input", [2, 1, 32, 32], "FP32")
-            inp.set_data_from_numpy(np.ones((2, 1, 32, 32), np.float32))
-            out = client.infer("pneumoniamnist-densenet121", [inp]).as_numpy("probabilities")
-            client.close()
-            code = server.stop()
-        print(json.dumps({"out": out.tolist(), "code": code,
-                          "busy": [p for p in ports.values() if port_in_use("127.0.0.1", p)]}))
-        """
-    )
-    python = ROOT / ".venv" / "bin" / "python"
-    python = python if python.exists() else Path(sys.executable)
-    done = subprocess.run(
-        [str(python), "-c", script, str(tiny_classifier_repository)],
-        cwd=ROOT,
-        env=_stripped_env(triton_cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0 and result["busy"] == []
-    out = np.array(result["out"])
-    assert out.shape == (2, 2)
-    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
-
-
-FOREGROUND = """
-import sys
-from pathlib import Path
-from serving.server import TritonServer, find_free_port, serve_foreground
-
-def ready(server):
-    print("READY", server.pid, server.http_port, flush=True)
-
-server = TritonServer(Path(sys.argv[1]), http_port=find_free_port(), grpc_port=find_free_port(),
-                      metrics_port=find_free_port(), log_file=Path(sys.argv[2]))
-sys.exit(serve_foreground(server, on_ready=ready))
-"""
-
-
-def _start_foreground(repository: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FOREGROUND, str(repository), str(log)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("READY"), (line, proc.stderr.read() if proc.poll() is not None else "")
-    _, server_pid, http_port = line.split()
-    return proc, int(server_pid), int(http_port)
-
-
-def test_serve_foreground_exits_0_on_sigterm(
-    triton_cache_dir, tiny_classifier_repository, tmp_path
-):
-    proc, server_pid, http_port = _start_foreground(tiny_classifier_repository, tmp_path / "log")
-    idle = HTTPConnection("127.0.0.1", http_port, timeout=5)
-    try:
-        idle.request("GET", "/v2/health/ready")  # keep-alive: stays open while the server stops
-        assert idle.getresponse().status == 200
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
-        assert time.monotonic() - started < 20  # --exit-timeout-secs, not stop()'s SIGKILL at 30 s
-    finally:
-        idle.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    with pytest.raises(ProcessLookupError):
-        os.kill(server_pid, 0)  # the tritonserver child is gone too
-    assert not port_in_use("127.0.0.1", http_port)
-
-
-def test_serve_foreground_reports_a_dead_server(
-    triton_cache_dir, tiny_classifier_repository, tmp_path
-):
-    proc, server_pid, _ = _start_foreground(tiny_classifier_repository, tmp_path / "log")
-    try:
-        os.kill(server_pid, signal.SIGKILL)  # the server dies on its own, as far as serve knows
-        code = proc.wait(timeout=60)
-        stderr = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert code == 128 + signal.SIGKILL
-    assert "exited on its own" in stderr and "Started HTTPService" in stderr  # log tail
-
-
-def test_serve_foreground_stopped_while_loading_leaves_no_stub(
-    triton_cache_dir, tiny_classifier_repository, tmp_path
-):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FOREGROUND, str(tiny_classifier_repository), str(tmp_path / "log")],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline, session = time.monotonic() + 60, []
-        while len(session) < 2 and time.monotonic() < deadline:  # tritonserver + a stub
-            servers = _children(proc.pid)
-            session = _processes(2, servers[0]) if servers else []
-            time.sleep(0.05)
-        assert len(session) >= 2, "no backend stub started"
-        proc.send_signal(signal.SIGTERM)  # usually while the model is still loading
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert _processes(2, servers[0]) == []  # server and stubs all gone, at once

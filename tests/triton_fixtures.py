@@ -1,8 +1,9 @@
-"""Fixtures for the Triton tests: a tiny ONNX classifier, its ModelSpec and a model repository.
+"""Fixtures for the Triton tests: a tiny ONNX classifier, its ModelSpec and a model repository;
+plus helpers shared by the server tests (free ports, child processes from /proc).
 
 Imported by ``tests/conftest.py``; run the tests that use them with::
 
-    python -m pytest tests/test_repository.py tests/test_server.py -q
+    python -m pytest tests/test_repository.py tests/test_server.py tests/test_server_lifecycle.py -q
 """
 
 from __future__ import annotations
@@ -16,11 +17,45 @@ import pytest
 from training.spec import ModelSpec
 
 __all__ = [
+    "MODEL",
+    "_children",
+    "_ports",
+    "_processes",
     "tiny_classifier_onnx",
     "tiny_classifier_repository",
     "tiny_classifier_spec",
     "triton_cache_dir",
 ]
+
+MODEL = "pneumoniamnist-densenet121"
+
+
+def _ports() -> dict[str, int]:
+    """Three distinct free ports as TritonServer keyword arguments."""
+    from serving.server import find_free_port
+
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(find_free_port())
+    http, grpc, metrics = sorted(ports)
+    return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+
+
+def _processes(field: int, value: int) -> list[int]:
+    """PIDs whose /proc/<pid>/stat field (after the name) equals value: 1 = ppid, 2 = pgid."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[field]) == value and fields[0] not in "ZX":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    return _processes(1, pid)
 
 
 @pytest.fixture(scope="session")
