@@ -18,7 +18,7 @@ from training.run import train_and_register
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_train_reports_checkpoint_and_registers(trained) -> None:
+def test_train_reports_checkpoint_and_registers(trained, tmp_path: Path) -> None:
     cfg, outcome = trained
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     run = client.get_run(outcome.run_id)
@@ -39,6 +39,11 @@ def test_train_reports_checkpoint_and_registers(trained) -> None:
     # Ray kept the epoch's checkpoint on disk
     checkpoints = list(Path(cfg.storage_path).glob("*/checkpoint_*/model.pt"))
     assert len(checkpoints) == 1
+    # ROC curve and confusion matrix of the test split, as PNG artifacts
+    plots = {Path(a.path).name: a for a in client.list_artifacts(outcome.run_id, "plots")}
+    assert set(plots) == {"roc_test.png", "confusion_test.png"}
+    local = client.download_artifacts(outcome.run_id, "plots/roc_test.png", str(tmp_path))
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outcome.test_probs.shape == (len(outcome.test_labels), 2)
     np.testing.assert_allclose(outcome.test_probs.sum(axis=1), 1.0, atol=1e-5)
 

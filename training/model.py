@@ -60,10 +60,12 @@ def predict_proba(model: nn.Module, x, *, multi_label: bool, batch_size: int = 1
     """Class probabilities (numpy, float32) of a logits model for preprocessed ``x``."""
     import numpy as np
 
+    model = model.module if hasattr(model, "module") else model  # unwrap DDP: no collectives here
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        logits = model(torch.as_tensor(x[start : start + batch_size]))
+        logits = model(torch.as_tensor(x[start : start + batch_size]).to(device))
         probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
         out.append(probs.cpu().numpy())
     return np.concatenate(out).astype(np.float32)

@@ -17,7 +17,7 @@ from training.config import TrainConfig
 from training.data import SPLITS, load_split, prepare_split
 from training.errors import MedimgError, TrainingError
 from training.metrics import evaluate
-from training.model import ProbabilityHead, build_model, load_weights
+from training.model import ProbabilityHead, build_model, load_weights, predict_proba
 from training.registry import ensure_experiment, log_and_register
 from training.spec import ModelSpec
 
@@ -74,39 +74,37 @@ def train_and_register(cfg: TrainConfig) -> TrainOutcome:
 
 def _train_in_run(cfg: TrainConfig) -> TrainOutcome:
     import mlflow
-    import torch
 
-    from training.train import fit
+    from training.plots import log_test_plots
+    from training.train import fit, resolve_resources
 
     spec = ModelSpec.for_dataset(cfg.dataset, cfg.image_size)
     for split in SPLITS:  # fail here, not inside Ray workers, on missing or bad data
         load_split(cfg.dataset, split, cfg.data_dir, cfg.size)
+    cfg = resolve_resources(cfg)
     mlflow.log_params({k: getattr(cfg, k) for k in PARAMS})
-    result, weights = fit(cfg)
-    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_auc"])[1]
-    val = {"auc": float(best["val_auc"]), "acc": float(best["val_acc"])}
+    best = fit(cfg)
+    val = {"auc": float(best.metrics["val_auc"]), "acc": float(best.metrics["val_acc"])}
     mlflow.log_metrics(
-        {"best_val_auc": val["auc"], "best_val_acc": val["acc"], "best_epoch": best["epoch"]}
+        {
+            "best_val_auc": val["auc"],
+            "best_val_acc": val["acc"],
+            "best_epoch": best.metrics["epoch"],
+        }
     )
-
-    state, _ = load_weights(weights)
+    state, _ = load_weights(best.weights)
     model = build_model(spec.channels, spec.num_classes)
     model.load_state_dict(state)
-    served = ProbabilityHead(model, spec.multi_label).eval()
 
     # The test split, touched once: the best checkpoint by val AUC.
     test = prepare_split(
         cfg.dataset, "test", cfg.data_dir, size=cfg.size, image_size=cfg.image_size
     )
-    with torch.no_grad():
-        probs = np.concatenate(
-            [
-                served(torch.from_numpy(test.x[i : i + 128])).numpy()
-                for i in range(0, len(test), 128)
-            ]
-        )
+    probs = predict_proba(model, test.x, multi_label=spec.multi_label)
     scores = evaluate(spec.task, test.y, probs)
     mlflow.log_metrics({"test_auc": scores["auc"], "test_acc": scores["acc"]})
+    log_test_plots(spec, test.y, probs)
+    served = ProbabilityHead(model, spec.multi_label).eval()
     model_uri, version = log_and_register(served, spec, spec.model_name)
     return TrainOutcome(
         run_id=cfg.mlflow_run_id,

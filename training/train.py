@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,27 +167,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def scaling(cfg: TrainConfig) -> tuple[int, float, bool]:
-    """(workers, CPUs per worker, use GPU): GPUs when CUDA exists, else share the cores."""
-    use_gpu = cfg.use_gpu or torch.cuda.is_available()
-    cpus = cfg.cpus_per_worker or max(1.0, float((os.cpu_count() or 1) // cfg.workers))
-    return cfg.workers, cpus, use_gpu
-
-
-def fit(cfg: TrainConfig) -> tuple[Any, Path]:
-    """Run the TorchTrainer; return Ray's ``Result`` and the best checkpoint's weights file."""
+def resolve_resources(cfg: TrainConfig) -> TrainConfig:
+    """Start or join Ray, then fill in CPUs per worker and GPU use: GPUs when CUDA exists,
+    else the cluster's CPUs shared between the workers."""
     import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+    cfg.use_gpu = cfg.use_gpu or torch.cuda.is_available()
+    if not cfg.cpus_per_worker:
+        total = int(ray.cluster_resources().get("CPU", 1))
+        cfg.cpus_per_worker = float(max(1, total // cfg.workers))
+    return cfg
+
+
+@dataclass
+class Best:
+    """The checkpoint with the highest val AUC: its reported metrics and a local weights file."""
+
+    metrics: dict[str, Any]
+    weights: Path
+
+
+def fit(cfg: TrainConfig) -> Best:
+    """Run the TorchTrainer; return the best checkpoint by val AUC."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.errors import TrainingError
 
     dataset_info(cfg.dataset)  # fail fast on an unknown name
-    workers, cpus, use_gpu = scaling(cfg)
-    cfg.cpus_per_worker = cpus
-    cfg.use_gpu = use_gpu
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+    cfg = resolve_resources(cfg)
+    workers, cpus, use_gpu = cfg.workers, cfg.cpus_per_worker, cfg.use_gpu
     run_name = f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -210,14 +221,10 @@ def fit(cfg: TrainConfig) -> tuple[Any, Path]:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own types
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
-    best = (
-        result.get_best_checkpoint(metric="val_auc", mode="max")
-        if result.best_checkpoints
-        else None
-    )
-    if best is None:
+    if not result.best_checkpoints:
         raise TrainingError(f"training run {run_name} reported no checkpoint")
-    with best.as_directory() as ckpt_dir:
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_auc"])
+    with checkpoint.as_directory() as ckpt_dir:
         local = Path(tempfile.mkdtemp(prefix="medimg-best-")) / CHECKPOINT_FILE
         local.write_bytes((Path(ckpt_dir) / CHECKPOINT_FILE).read_bytes())
-    return result, local
+    return Best(metrics=dict(metrics), weights=local)
