@@ -47,3 +47,16 @@ def test_multiclass_metrics() -> None:
     scores = evaluate("multi-class", y, probs)
     assert scores["acc"] == 0.75
     assert 0.5 < scores["auc"] < 1.0
+
+
+def test_config_makes_paths_absolute(tmp_path, monkeypatch) -> None:
+    """Ray workers run in another directory: relative data, store and MLflow paths are resolved."""
+    from training.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data_dir="data", tracking_uri="sqlite:///runs/mlflow.db", storage_path="ray")
+    assert cfg.data_dir == str(tmp_path / "data")
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert cfg.storage_path == str(tmp_path / "ray")
+    assert TrainConfig(tracking_uri="http://127.0.0.1:5000").tracking_uri == "http://127.0.0.1:5000"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,8 +52,13 @@ def test_pipeline_keep_serving(medimg_cmd, cli_env, tmp_path: Path, free_port, d
         "32",
         "--max-train-samples",
         "128",
+        # relative paths, as a user types them: Ray workers run elsewhere and must still find them
+        "--data-dir",
+        os.path.relpath(data_dir, tmp_path),
+        "--tracking-uri",
+        "sqlite:///runs/mlflow.db",
         "--repository",
-        str(tmp_path / "repo"),
+        "repo",
         "--keep-serving",
         "--http-port",
         str(ports[0]),
@@ -107,7 +113,9 @@ def test_pipeline_keep_serving(medimg_cmd, cli_env, tmp_path: Path, free_port, d
 
         run_id = re.search(r"MLflow run ([0-9a-f]{32})", text)[1]
         metrics = (
-            MlflowClient(tracking_uri=cli_env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics
+            MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+            .get_run(run_id)
+            .data.metrics
         )
         assert metrics["triton_test_auc"] == pytest.approx(metrics["test_auc"], abs=1e-3)
         proc.send_signal(signal.SIGTERM)

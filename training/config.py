@@ -26,6 +26,15 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path(DEFAULT_MLRUNS_DIR).resolve() / 'mlflow.db'}"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative SQLite URI (``sqlite:///x.db``) made absolute, so that Ray workers, whose
+    working directory differs from the driver's, open the same file; other URIs as given."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return f"{prefix}{Path(uri[len(prefix) :]).resolve()}"
+    return uri
+
+
 def default_data_dir() -> str:
     """``MEDIMG_DATA_DIR`` if set, else medmnist's own default root (``~/.medmnist``)."""
     return os.environ.get("MEDIMG_DATA_DIR") or str(Path("~/.medmnist").expanduser())
@@ -56,10 +65,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset.lower()
-        if not self.data_dir:
-            self.data_dir = default_data_dir()
-        if not self.tracking_uri:
-            self.tracking_uri = default_tracking_uri()
+        # Absolute paths: Ray workers run in another working directory than the driver.
+        self.data_dir = str(Path(self.data_dir or default_data_dir()).expanduser().resolve())
+        self.tracking_uri = absolute_tracking_uri(self.tracking_uri or default_tracking_uri())
+        self.storage_path = str(Path(self.storage_path).expanduser().resolve())
         self.validate()
 
     def validate(self) -> None:

@@ -209,7 +209,7 @@ def fit(cfg: TrainConfig) -> Best:
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(Path(cfg.storage_path).resolve()),
+            storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.num_to_keep,
                 checkpoint_score_attribute="val_auc",
