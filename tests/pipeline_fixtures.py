@@ -22,6 +22,7 @@ __all__ = [
     "free_port",
     "isolated_env",
     "medimg_cmd",
+    "mlflow_server",
     "trained",
     "write_medmnist_npz",
 ]
@@ -89,8 +90,64 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, isolated_env: Path):
-    """One real Ray Train run: 2 workers, 1 epoch, 256 images at 32 px, tracked in MLflow."""
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
+    """A real MLflow tracking server (SQLite backend) on a free loopback port, stopped by PID."""
+    import subprocess
+    import time
+    import urllib.request
+
+    work = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{work / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(work / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (work / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "mlflow server not healthy after 120 s"
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)  # its own session: the server and its workers, by the PID we hold
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mlflow_server: str):
+    """One real Ray Train run: 2 workers, 1 epoch, 256 images at 32 px, tracked in MLflow
+    through a real tracking server over HTTP (rank 0 logs per-epoch metrics there too)."""
     import ray
 
     from training.config import TrainConfig
@@ -105,7 +162,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, isolated_e
         workers=2,
         max_train_samples=256,
         data_dir=str(data_dir),
-        tracking_uri=f"sqlite:///{work / 'mlruns' / 'mlflow.db'}",
+        tracking_uri=mlflow_server,
         storage_path=str(work / "ray_results"),
     )
     try:

@@ -127,9 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     rate,
                 )
         scheduler.step()
-        sums = torch.tensor([total, count], dtype=torch.float64)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         if world > 1:
-            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(sums)  # on the device: NCCL reduces GPU tensors only
         train_loss = float(sums[0] / sums[1])
 
         probs = _gather_probs(model, val.x, spec, rank, world)
