@@ -8,7 +8,6 @@ class 1), so the suite runs anywhere.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ __all__ = [
     "medimg_cmd",
     "mlflow_server",
     "trained",
+    "wait_for_output",
     "write_medmnist_npz",
 ]
 
@@ -97,9 +97,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
     import urllib.request
 
     work = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serving.server import find_free_port
+
+    port = find_free_port()
     log = open(work / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [
@@ -174,12 +174,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mlflow_ser
 
 @pytest.fixture
 def free_port():
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from serving.server import find_free_port
 
-    return pick
+    return find_free_port
+
+
+def wait_for_output(log: Path, text: str, proc, timeout: float) -> str:
+    """Poll ``log`` until it holds ``text``; fail with its tail if ``proc`` exits or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in (content := log.read_text()):
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{content[-4000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{content[-4000:]}"
+        time.sleep(0.3)
+    return content
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from pipeline_fixtures import wait_for_output
 
 from serving.client import TritonClassifier
 from training.data import prepare_split
@@ -23,13 +24,9 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
 @pytest.fixture(scope="module")
 def served(exported, medimg_cmd, tmp_path_factory):
     """``medimg serve`` on free loopback ports, stopped by its PID."""
-    import socket
+    from serving.server import find_free_port
 
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [find_free_port() for _ in range(3)]
     _, repository, _ = exported
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
@@ -50,11 +47,7 @@ def served(exported, medimg_cmd, tmp_path_factory):
             stderr=subprocess.STDOUT,
             text=True,
         )
-    deadline = time.monotonic() + 120
-    while "Triton ready" not in log.read_text():
-        assert proc.poll() is None, f"medimg serve exited {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.3)
+    wait_for_output(log, "Triton ready", proc, timeout=120)
     yield {
         "proc": proc,
         "http": f"127.0.0.1:{ports[0]}",

@@ -7,10 +7,10 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from pipeline_fixtures import wait_for_output
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -72,14 +72,7 @@ def test_pipeline_keep_serving(medimg_cmd, cli_env, tmp_path: Path, free_port, d
             args, cwd=tmp_path, env=cli_env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 600
-        while "Ctrl-C stops" not in log.read_text():
-            assert proc.poll() is None, (
-                f"pipeline exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            )
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
-        text = log.read_text()
+        text = wait_for_output(log, "Ctrl-C stops", proc, timeout=600)
         here = re.search(r"in-process:\s+AUC ([\d.]+)\s+ACC ([\d.]+)", text)
         there = re.search(r"through Triton: AUC ([\d.]+)\s+ACC ([\d.]+)", text)
         assert here and there, text[-4000:]

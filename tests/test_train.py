@@ -63,32 +63,23 @@ def test_bad_data_fails_the_mlflow_run(tmp_path: Path) -> None:
 
 
 def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
-    unknown = subprocess.run(
-        [*medimg_cmd, "train", "--dataset", "lungmnist"],
-        cwd=tmp_path,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert unknown.returncode != 0
-    assert "lungmnist" in unknown.stderr and "pneumoniamnist" in unknown.stderr
-    missing = subprocess.run(
-        [*medimg_cmd, "train", "--data-dir", str(tmp_path / "nowhere")],
-        cwd=tmp_path,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode != 0
-    assert str(tmp_path / "nowhere" / "pneumoniamnist.npz") in missing.stderr
-    bad_size = subprocess.run(
-        [*medimg_cmd, "train", "--image-size", "16"],
-        cwd=tmp_path,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad_size.returncode != 0 and "image_size" in bad_size.stderr
+    cases = [  # (arguments, what the error must name)
+        (["--dataset", "lungmnist"], ["lungmnist", "pneumoniamnist"]),
+        (
+            ["--data-dir", str(tmp_path / "nowhere")],
+            [str(tmp_path / "nowhere" / "pneumoniamnist.npz")],
+        ),
+        (["--image-size", "16"], ["image_size"]),
+    ]
+    for args, named in cases:
+        result = subprocess.run(
+            [*medimg_cmd, "train", *args],
+            cwd=tmp_path,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode != 0, args
+        for text in named:
+            assert text in result.stderr, (args, result.stderr[-2000:])
