@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.repository import SPEC_PARAMETER
 from training.errors import DataError, MedimgError, ServingError
 from training.images import read_image
 from training.spec import ModelSpec
 from training.transforms import to_model_input
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
-SPEC_PARAMETER = "medimg_spec"
 
 
 def default_url(protocol: str, host: str = "127.0.0.1") -> str:
