@@ -20,7 +20,6 @@ from serving.repository import SPEC_PARAMETER
 from training.errors import DataError, MedimgError, ServingError
 from training.images import read_image
 from training.spec import ModelSpec
-from training.transforms import to_model_input
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
@@ -155,7 +154,7 @@ class TritonClassifier:
         return np.concatenate(out)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return to_model_input(image[None], self.spec.image_size, self.spec.channels)
+        return self.spec.preprocess(image[None])
 
     def classify_files(self, files: Sequence[str | Path]) -> Iterator[Prediction]:
         """One :class:`Prediction` per file, in order; bad files carry an error, not an exception."""

@@ -132,9 +132,8 @@ def test_classify_text_output_matches_in_process(served, images, exported, medim
     assert result.returncode == 0, result.stderr
     file, label, prob = result.stdout.strip().split("\t")
     from training.images import read_image
-    from training.transforms import to_model_input
 
-    x = to_model_input(read_image(images["png"])[None], loaded.spec.image_size, 1)
+    x = loaded.spec.preprocess(read_image(images["png"])[None])
     expected = ort.InferenceSession(str(report.onnx_path)).run(None, {"input": x})[0][0]
     assert file == str(images["png"])
     assert label == loaded.spec.class_names[int(expected.argmax())]

@@ -16,6 +16,11 @@ from typing import Any
 from training.errors import ConfigError
 
 DEFAULT_MLRUNS_DIR = "mlruns"
+NORMALIZATIONS = ("medmnist", "imagenet")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "multistep", "plateau", "none")
+AUGMENTATIONS = ("hflip", "affine", "contrast")
+RECIPES = ("medmnist", "chexnet")
 
 
 def default_tracking_uri() -> str:
@@ -35,6 +40,14 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def default_cache_dir() -> str:
+    """``MEDIMG_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/medimg`` (``~/.cache/medimg``)."""
+    env = os.environ.get("MEDIMG_CACHE_DIR")
+    if env:
+        return env
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "medimg")
+
+
 def default_data_dir() -> str:
     """``MEDIMG_DATA_DIR`` if set, else medmnist's own default root (``~/.medmnist``)."""
     return os.environ.get("MEDIMG_DATA_DIR") or str(Path("~/.medmnist").expanduser())
@@ -44,23 +57,45 @@ def default_data_dir() -> str:
 class TrainConfig:
     """Everything one training run needs; every field can be set from the CLI or Tune."""
 
-    dataset: str = "pneumoniamnist"
+    # data
+    dataset: str = "pneumoniamnist"  # a MedMNIST flag, "folder" or "chestxray14"
     size: int = 28  # MedMNIST file resolution (28, 64, 128, 224)
-    image_size: int = 64  # network input; DenseNet-121 needs >= 29 px
+    image_size: int = 64  # network input; DenseNet-121 needs >= 32 px
+    data_dir: str = ""
+    cache_dir: str = ""  # decoded file-based data sets (folder, chestxray14) are cached here
+    val_fraction: float = 0.1  # folder / chestxray14 without given splits
+    test_fraction: float = 0.2
+    max_train_samples: int = 0  # 0: the whole training split
+    normalization: str = "medmnist"  # "medmnist": (x - .5) / .5; "imagenet": ImageNet mean/std
+    # model
+    model_name: str = ""  # registered / served name; default "<dataset>-densenet121"
+    pretrained_weights: str = ""  # local .pth of torchvision densenet121 (ImageNet) or CheXNet
+    # optimisation
+    recipe: str = ""  # "", "medmnist" or "chexnet": named presets (see training/recipes.py)
     epochs: int = 3
     batch_size: int = 32
+    optimizer: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    workers: int = 1
-    cpus_per_worker: float = 0.0  # 0: share this machine's cores between the workers
-    use_gpu: bool = False
-    max_train_samples: int = 0  # 0: the whole training split
+    scheduler: str = "cosine"  # cosine | multistep (50%/75%) | plateau (val AUC, /10) | none
+    augment: str = ""  # comma-separated: hflip, affine, contrast ("" for none)
+    aug_strength: float = 0.5  # 0..1, scales affine and contrast ranges
+    class_weighting: str = "none"  # none | balanced (pos_weight for BCE, class weights for CE)
+    sampler: str = "shuffle"  # shuffle | balanced (inverse-frequency weighted sampling)
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16) | bf16 | fp16 | off
     seed: int = 0
-    data_dir: str = ""
+    # Ray
+    workers: int = 1
+    cpus_per_worker: float = 0.0  # 0: share the cluster's CPUs between the workers
+    gpus_per_worker: float = 0.0  # > 0 trains on GPUs
+    use_gpu: bool = False  # set from gpus_per_worker / CUDA by resolve_resources
+    ray_address: str = ""  # "", "auto", "ray://host:10001" or "host:6379"
+    storage_path: str = "ray_results"
+    num_to_keep: int = 2  # checkpoints kept, best by val AUC
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    # MLflow
     tracking_uri: str = ""
     experiment: str = "medimg"
-    storage_path: str = "ray_results"
-    num_to_keep: int = 2
     mlflow_run_id: str = ""  # set by the driver; rank 0 logs per-epoch metrics into it
 
     def __post_init__(self) -> None:
@@ -68,8 +103,16 @@ class TrainConfig:
         # Absolute paths: Ray workers run in another working directory than the driver.
         self.data_dir = str(Path(self.data_dir or default_data_dir()).expanduser().resolve())
         self.tracking_uri = absolute_tracking_uri(self.tracking_uri or default_tracking_uri())
-        self.storage_path = str(Path(self.storage_path).expanduser().resolve())
+        if "://" not in self.storage_path:  # s3:// or gs:// stay as given
+            self.storage_path = str(Path(self.storage_path).expanduser().resolve())
+        self.cache_dir = str(Path(self.cache_dir or default_cache_dir()).expanduser().resolve())
+        if self.pretrained_weights:
+            self.pretrained_weights = str(Path(self.pretrained_weights).expanduser().resolve())
         self.validate()
+
+    @property
+    def registered_name(self) -> str:
+        return self.model_name or f"{self.dataset}-densenet121"
 
     def validate(self) -> None:
         checks = [
@@ -88,10 +131,46 @@ class TrainConfig:
             (self.cpus_per_worker >= 0, "cpus_per_worker", ">= 0", self.cpus_per_worker),
             (self.max_train_samples >= 0, "max_train_samples", ">= 0", self.max_train_samples),
             (self.num_to_keep >= 1, "num_to_keep", ">= 1", self.num_to_keep),
+            (
+                self.max_failures >= -1,
+                "max_failures",
+                ">= -1 (-1: retry forever)",
+                self.max_failures,
+            ),
+            (self.gpus_per_worker >= 0, "gpus_per_worker", ">= 0", self.gpus_per_worker),
+            (0 < self.val_fraction < 1, "val_fraction", "between 0 and 1", self.val_fraction),
+            (0 < self.test_fraction < 1, "test_fraction", "between 0 and 1", self.test_fraction),
+            (
+                self.val_fraction + self.test_fraction < 1,
+                "val_fraction + test_fraction",
+                "< 1",
+                self.val_fraction + self.test_fraction,
+            ),
+            (0 <= self.aug_strength <= 1, "aug_strength", "between 0 and 1", self.aug_strength),
         ]
+        choices = {
+            "normalization": NORMALIZATIONS,
+            "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS,
+            "class_weighting": ("none", "balanced"),
+            "sampler": ("shuffle", "balanced"),
+            "amp": ("auto", "bf16", "fp16", "off"),
+            "recipe": ("", *RECIPES),
+        }
+        for name, allowed in choices.items():
+            got = getattr(self, name)
+            checks.append((got in allowed, name, f"one of {list(allowed)}", got))
+        unknown_aug = sorted(set(self.augmentations) - set(AUGMENTATIONS))
+        checks.append(
+            (not unknown_aug, "augment", f"names from {list(AUGMENTATIONS)}", self.augment)
+        )
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {got!r}")
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.augment.split(",") if a.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

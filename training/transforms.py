@@ -17,6 +17,22 @@ from training.errors import DataError
 
 MEAN = 0.5
 STD = 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization_stats(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std): ``medmnist`` is 0.5 / 0.5; ``imagenet`` is ImageNet's RGB
+    statistics, or their average for one grey channel."""
+    if name == "medmnist":
+        return (MEAN,) * channels, (STD,) * channels
+    if name == "imagenet":
+        if channels == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (round(sum(IMAGENET_MEAN) / 3, 4),) * channels, (
+            round(sum(IMAGENET_STD) / 3, 4),
+        ) * channels
+    raise DataError(f"normalization: expected 'medmnist' or 'imagenet', got {name!r}")
 
 
 def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -52,7 +68,14 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.stack(planes, axis=2)
 
 
-def to_model_input(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+def to_model_input(
+    images: np.ndarray,
+    image_size: int,
+    channels: int,
+    *,
+    mean: tuple[float, ...] = (MEAN,),
+    std: tuple[float, ...] = (STD,),
+) -> np.ndarray:
     """uint8 (N, H, W[, C]) -> normalised float32 (N, channels, image_size, image_size)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -66,6 +89,6 @@ def to_model_input(images: np.ndarray, image_size: int, channels: int) -> np.nda
         resized = _resize(_to_channels(image, channels), image_size)
         out[i] = resized.transpose(2, 0, 1)
     out /= 255.0
-    out -= MEAN
-    out /= STD
+    out -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    out /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return out
