@@ -23,6 +23,16 @@ SPLITS = ("train", "val", "test")
 SUPPORTED_TASKS = ("binary-class", "multi-class", "ordinal-regression", "multi-label, binary-class")
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model trained on a data set needs to know about it."""
+
+    name: str
+    task: str  # "binary-class", "multi-class", "ordinal-regression", "multi-label, binary-class"
+    class_names: tuple[str, ...]
+    channels: int
+
+
 def known_datasets() -> list[str]:
     """The 2D MedMNIST flags this version of ``medmnist`` knows."""
     import medmnist
@@ -30,7 +40,19 @@ def known_datasets() -> list[str]:
     return sorted(flag for flag in medmnist.INFO if not flag.endswith("3d"))
 
 
-def dataset_info(name: str) -> dict:
+def dataset_info(name: str, data_dir: str | Path = "") -> DatasetInfo:
+    """Task, class names and channels of a data set; an unknown name lists the known ones."""
+    info = _medmnist_info(name)
+    labels = info["label"]
+    return DatasetInfo(
+        name=name.lower(),
+        task=info["task"],
+        class_names=tuple(labels[k] for k in sorted(labels, key=int)),
+        channels=int(info["n_channels"]),
+    )
+
+
+def _medmnist_info(name: str) -> dict:
     """``medmnist.INFO[name]``; an unknown name lists the known ones."""
     import medmnist
 
@@ -52,7 +74,7 @@ def npz_path(name: str, data_dir: str | Path, size: int = 28) -> Path:
 def _medmnist_split(name: str, split: str, data_dir: Path, size: int, download: bool):
     import medmnist
 
-    info = dataset_info(name)
+    info = _medmnist_info(name)
     cls = getattr(medmnist, info["python_class"])
     path = npz_path(name, data_dir, size)
     if not path.exists():
@@ -89,11 +111,11 @@ def load_split(
         )
     labels = labels.reshape(len(labels), -1).astype(np.int64)
     info = dataset_info(name)
-    high = 1 if info["task"].startswith("multi-label") else len(info["label"]) - 1
+    high = 1 if info.task.startswith("multi-label") else len(info.class_names) - 1
     if labels.size and (labels.min() < 0 or labels.max() > high):
         raise DataError(
             f"{npz_path(name, data_dir, size)}: {split}_labels must lie in 0..{high} for {name} "
-            f"({info['task']}), got values {labels.min()}..{labels.max()}"
+            f"({info.task}), got values {labels.min()}..{labels.max()}"
         )
     return images, labels
 
@@ -135,5 +157,5 @@ def prepare_split(
             keep.extend(rng.choice(idx, size=min(share, len(idx)), replace=False))
         keep_arr = np.sort(np.asarray(keep[:max_samples]))
         images, labels = images[keep_arr], labels[keep_arr]
-    channels = int(dataset_info(name)["n_channels"])
+    channels = dataset_info(name).channels
     return Split(x=to_model_input(images, image_size, channels), y=labels)
