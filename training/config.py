@@ -41,11 +41,12 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def default_cache_dir() -> str:
-    """``MEDIMG_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/medimg`` (``~/.cache/medimg``)."""
-    env = os.environ.get("MEDIMG_CACHE_DIR")
-    if env:
-        return env
-    return str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "medimg")
+    """Decoded-image cache: ``$MEDIMG_CACHE_DIR/datasets``, else ``~/.cache/medimg/datasets``
+    (``$XDG_CACHE_HOME`` honoured)."""
+    root = os.environ.get("MEDIMG_CACHE_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "medimg"
+    )
+    return str(Path(root).expanduser() / "datasets")
 
 
 def default_data_dir() -> str:
@@ -97,6 +98,7 @@ class TrainConfig:
     tracking_uri: str = ""
     experiment: str = "medimg"
     mlflow_run_id: str = ""  # set by the driver; rank 0 logs per-epoch metrics into it
+    resume_from: str = ""  # a checkpoint directory to start from (set by --resume)
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset.lower()
