@@ -1,14 +1,18 @@
 """The one preprocessing path, shared by training, export parity checks and clients.
 
-uint8 images of any size (N, H, W) or (N, H, W, C) become float32 (N, C, S, S):
-resized with PIL's bilinear filter, scaled to [0, 1], then normalised with
-``(x - MEAN) / STD``::
+uint8 images of any size (N, H, W) or (N, H, W, C) become float32 (N, C, S, S) in
+two steps: :func:`resize_to_uint8` converts channels and resizes with PIL's bilinear
+filter to uint8 (N, C, S, S) (what data sets keep and cache), then :func:`normalize`
+scales to [0, 1] and applies ``(x - mean) / std`` per channel (what the training loop
+does batched, and :func:`to_model_input` does for everything else)::
 
     python -c "import numpy as np; from training.transforms import to_model_input; \
 print(to_model_input(np.zeros((2, 28, 28), np.uint8), 64, 1).shape)"
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -55,17 +59,68 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (size, size, C) float32 in [0, 255], bilinear per channel."""
+    """(H, W, C) uint8 -> (C, size, size) uint8, PIL bilinear per channel."""
     if image.shape[0] == size and image.shape[1] == size:
-        return image.astype(np.float32)
+        return image.transpose(2, 0, 1)
     planes = [
         np.asarray(
-            Image.fromarray(image[:, :, c]).resize((size, size), Image.Resampling.BILINEAR),
-            dtype=np.float32,
+            Image.fromarray(np.ascontiguousarray(image[:, :, c])).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
         )
         for c in range(image.shape[2])
     ]
-    return np.stack(planes, axis=2)
+    return np.stack(planes, axis=0)
+
+
+def resize_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """One uint8 (H, W[, C]) image -> uint8 (channels, image_size, image_size)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise DataError(f"image: expected dtype uint8, got {image.dtype}")
+    return _resize(_to_channels(image, channels), image_size)
+
+
+def resize_to_uint8(
+    images: np.ndarray | Sequence[np.ndarray], image_size: int, channels: int
+) -> np.ndarray:
+    """uint8 (N, H, W[, C]) -- or a sequence of differently sized uint8 (H, W[, C]) images --
+    -> uint8 (N, channels, image_size, image_size): channels converted, then resized."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise DataError(f"images: expected dtype uint8, got {images.dtype}")
+        if images.ndim not in (3, 4) or len(images) == 0:
+            raise DataError(
+                f"images: expected a non-empty (N, H, W[, C]) array, got shape {images.shape}"
+            )
+    elif len(images) == 0:
+        raise DataError("images: expected at least one image, got none")
+    out = np.empty((len(images), channels, image_size, image_size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = resize_image(image, image_size, channels)
+    return out
+
+
+def normalize(
+    images: np.ndarray,
+    mean: Sequence[float] = (MEAN,),
+    std: Sequence[float] = (STD,),
+) -> np.ndarray:
+    """uint8 (N, C, S, S) -> float32 ``(x / 255 - mean) / std``, per channel (one value: all)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"images: expected uint8 (N, C, S, S), got {images.dtype} {images.shape}")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, images.shape[1]):
+            raise DataError(
+                f"{name}: expected 1 or {images.shape[1]} value(s) (one per channel), "
+                f"got {len(values)}"
+            )
+    out = images.astype(np.float32)
+    out /= 255.0
+    out -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    out /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return out
 
 
 def to_model_input(
@@ -76,19 +131,6 @@ def to_model_input(
     mean: tuple[float, ...] = (MEAN,),
     std: tuple[float, ...] = (STD,),
 ) -> np.ndarray:
-    """uint8 (N, H, W[, C]) -> normalised float32 (N, channels, image_size, image_size)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise DataError(f"images: expected dtype uint8, got {images.dtype}")
-    if images.ndim not in (3, 4) or len(images) == 0:
-        raise DataError(
-            f"images: expected a non-empty (N, H, W[, C]) array, got shape {images.shape}"
-        )
-    out = np.empty((len(images), channels, image_size, image_size), dtype=np.float32)
-    for i, image in enumerate(images):
-        resized = _resize(_to_channels(image, channels), image_size)
-        out[i] = resized.transpose(2, 0, 1)
-    out /= 255.0
-    out -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    out /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return out
+    """uint8 (N, H, W[, C]) -> normalised float32 (N, channels, image_size, image_size):
+    ``normalize(resize_to_uint8(images, image_size, channels), mean, std)``."""
+    return normalize(resize_to_uint8(images, image_size, channels), mean, std)
