@@ -56,6 +56,22 @@ def test_every_2d_medmnist_flag_and_the_file_sets_are_known() -> None:
     assert cxr.class_names[:3] == ("Atelectasis", "Cardiomegaly", "Effusion") and cxr.channels == 1
 
 
+def test_options_from_config(tmp_path: Path) -> None:
+    from training.config import TrainConfig
+
+    cfg = TrainConfig(
+        dataset="folder", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"), seed=7
+    )
+    o = DataOptions.from_config(cfg)
+    assert (o.dataset, o.data_dir, o.cache_dir, o.seed) == (
+        "folder",
+        cfg.data_dir,
+        cfg.cache_dir,
+        7,
+    )
+    assert (o.size, o.val_fraction, o.test_fraction) == (28, 0.1, 0.2)
+
+
 def test_multilabel_rgb_and_size_64_npz_files(tmp_path: Path) -> None:
     write_medmnist_like(tmp_path / "chestmnist.npz", "chestmnist", COUNTS)
     write_medmnist_like(tmp_path / "bloodmnist_64.npz", "bloodmnist", COUNTS, size=64)
@@ -284,3 +300,22 @@ def test_chestxray14_bad_label_file_and_no_images(tmp_path: Path) -> None:
     (root / "Data_Entry_2017.csv").unlink()
     with pytest.raises(DataError, match=r"line 2 \(b\.png\): unknown finding 'Masss'"):
         check_data(opts("chestxray14", root, tmp_path))
+
+
+def test_image_cache_is_shared_atomic_and_optional(tmp_path: Path, caplog) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.images import read_images
+
+    files = [str(p) for f in write_image_tree(tmp_path / "t", {"a": 8, "b": 8}).values() for p in f]
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:  # two "workers" at once: one decodes, one waits
+        a, b = pool.map(lambda _: read_images(files, 32, 3, cache_dir=cache), range(2))
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.images.shape == (16, 3, 32, 32) and isinstance(b.images, np.memmap)
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".npy"]  # no tmp left
+    (tmp_path / "not_a_dir").write_text("")
+    with caplog.at_level(logging.WARNING, logger="training.images"):
+        fallback = read_images(files, 32, 3, cache_dir=tmp_path / "not_a_dir" / "cache")
+    assert "not usable" in caplog.text
+    np.testing.assert_array_equal(fallback.images, a.images)

@@ -6,7 +6,7 @@
 
 Labels are the 14 findings of :data:`FINDINGS` in the standard (CheXNet) order, 0/1
 each; "No Finding" is all zeros. The split is patient-wise: the official lists when
-present (a patient found in both is reported), else a ``GroupShuffleSplit`` by
+present (a patient found in both is reported; rows in neither are left out), else a ``GroupShuffleSplit`` by
 ``Patient ID`` with the fixed seed :data:`SPLIT_SEED` (``test_fraction`` of the
 patients); val is carved out of train+val by patient the same way (``val_fraction`` of
 the whole). The split is made over every row of the label file and only then are rows
@@ -120,7 +120,7 @@ def _read(path: Path, mtime_ns: int) -> Entries:
 
 def read_entries(data_dir: str | Path) -> Entries:
     """The label file's rows (parsed once per process while the file is unchanged)."""
-    path = label_file(data_dir)
+    path = label_file(data_dir).resolve()  # one parse for every link to the same file
     return _read(path, path.stat().st_mtime_ns)
 
 

@@ -254,12 +254,11 @@ def _load_cached(npy: Path, meta: Path, n: int, shape: tuple[int, ...]) -> Decod
     try:
         info = json.loads(meta.read_text())
         images = np.load(npy, mmap_mode="r")
-    except (OSError, ValueError) as exc:
+        if images.shape == (n - len(info["failed"]), *shape):
+            return DecodedImages(images, tuple(info["failed"]), tuple(info["reasons"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable image cache %s: %s", npy, exc)
-        return None
-    if images.shape != (n - len(info["failed"]), *shape):
-        return None
-    return DecodedImages(images, tuple(info["failed"]), tuple(info["reasons"]))
+    return None
 
 
 def _decode_into(out: np.ndarray, paths: Sequence, size: int, channels: int, desc: str) -> dict:
