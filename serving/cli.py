@@ -21,62 +21,83 @@ from training.errors import MedimgError
 DEFAULT_REPOSITORY = "model_repository"
 
 
+# (flag, TrainConfig field, type, help). Defaults are the dataclass's (or the recipe's):
+# argparse leaves every option None unless given, so a recipe never overrides a flag.
+TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--dataset", "dataset", str, "a MedMNIST flag, 'folder' or 'chestxray14'"),
+    ("--data-dir", "data_dir", str, "data folder (default $MEDIMG_DATA_DIR or ~/.medmnist)"),
+    ("--size", "size", int, "MedMNIST file resolution: 28, 64, 128 or 224"),
+    ("--image-size", "image_size", int, "network input size in pixels"),
+    ("--max-train-samples", "max_train_samples", int, "subsample the training split (0: all)"),
+    ("--val-fraction", "val_fraction", float, "folder/chestxray14 without given splits"),
+    ("--test-fraction", "test_fraction", float, "folder/chestxray14 without given splits"),
+    ("--cache-dir", "cache_dir", str, "decoded image cache (default ~/.cache/medimg)"),
+    ("--normalization", "normalization", str, "medmnist | imagenet"),
+    ("--recipe", "recipe", str, "preset: medmnist | chexnet (explicit options win)"),
+    ("--epochs", "epochs", int, ""),
+    ("--batch-size", "batch_size", int, "per worker"),
+    ("--optimizer", "optimizer", str, "adam | adamw | sgd"),
+    ("--lr", "lr", float, ""),
+    ("--weight-decay", "weight_decay", float, ""),
+    ("--scheduler", "scheduler", str, "cosine | multistep | plateau | none"),
+    ("--augment", "augment", str, "comma-separated: hflip, affine, contrast"),
+    ("--aug-strength", "aug_strength", float, "0..1"),
+    ("--class-weighting", "class_weighting", str, "none | balanced"),
+    ("--sampler", "sampler", str, "shuffle | balanced"),
+    ("--amp", "amp", str, "auto | bf16 | fp16 | off (CUDA only)"),
+    (
+        "--pretrained-weights",
+        "pretrained_weights",
+        str,
+        "local DenseNet-121 .pth (ImageNet/CheXNet)",
+    ),
+    ("--model-name", "model_name", str, "registered/served name (default DATASET-densenet121)"),
+    ("--seed", "seed", int, ""),
+    ("--workers", "workers", int, "Ray Train workers"),
+    ("--cpus-per-worker", "cpus_per_worker", float, "0: share the cluster's CPUs"),
+    ("--gpus-per-worker", "gpus_per_worker", float, "> 0 trains on GPUs"),
+    ("--ray-address", "ray_address", str, "join a cluster: auto, HOST:PORT or ray://HOST:10001"),
+    ("--storage-path", "storage_path", str, "Ray checkpoints (shared storage on a cluster)"),
+    ("--num-to-keep", "num_to_keep", int, "checkpoints kept, best by val AUC"),
+    (
+        "--max-failures",
+        "max_failures",
+        int,
+        "restarts from the last checkpoint after a worker dies",
+    ),
+    (
+        "--tracking-uri",
+        "tracking_uri",
+        str,
+        "MLflow (default $MLFLOW_TRACKING_URI or ./mlruns sqlite)",
+    ),
+    ("--experiment", "experiment", str, "MLflow experiment"),
+]
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from training.config import TrainConfig
 
-    d = TrainConfig.__dataclass_fields__
-    p.add_argument(
-        "--dataset", default=d["dataset"].default, help="MedMNIST flag (default %(default)s)"
-    )
-    p.add_argument(
-        "--size",
-        type=int,
-        default=d["size"].default,
-        choices=(28, 64, 128, 224),
-        help="MedMNIST file resolution (default %(default)s)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=d["image_size"].default,
-        help="network input size in pixels (default %(default)s)",
-    )
-    p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    p.add_argument("--lr", type=float, default=d["lr"].default)
-    p.add_argument("--workers", type=int, default=d["workers"].default, help="Ray Train workers")
-    p.add_argument(
-        "--data-dir",
-        default="",
-        help="MedMNIST .npz folder (default $MEDIMG_DATA_DIR or ~/.medmnist)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default="",
-        help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite under ./mlruns)",
-    )
-    p.add_argument(
-        "--max-train-samples", type=int, default=0, help="subsample the training split (0: all)"
-    )
-    p.add_argument("--seed", type=int, default=d["seed"].default)
+    defaults = TrainConfig.__dataclass_fields__
+    for flag, name, kind, text in TRAIN_OPTIONS:
+        default = defaults[name].default
+        shown = f" (default {default!r})" if default not in ("", None) else ""
+        p.add_argument(flag, dest=name, type=kind, default=None, help=f"{text}{shown}".strip())
+
+
+def _explicit_options(args: argparse.Namespace) -> dict:
+    return {
+        name: getattr(args, name)
+        for _, name, _, _ in TRAIN_OPTIONS
+        if getattr(args, name) is not None
+    }
 
 
 def _train_config(args: argparse.Namespace):
-    from training.config import TrainConfig
+    from training.recipes import build_config
 
-    return TrainConfig(
-        dataset=args.dataset,
-        size=args.size,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        workers=args.workers,
-        data_dir=args.data_dir,
-        tracking_uri=args.tracking_uri,
-        max_train_samples=args.max_train_samples,
-        seed=args.seed,
-    )
+    explicit = _explicit_options(args)
+    return build_config(explicit.pop("recipe", "") or "", **explicit)
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -106,11 +127,23 @@ def _server(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from training.run import train_and_register
 
-    outcome = train_and_register(_train_config(args))
+    if args.resume:
+        from training.config import default_tracking_uri
+        from training.run import resume_config
+
+        explicit = _explicit_options(args)
+        uri = explicit.pop("tracking_uri", "") or default_tracking_uri()
+        cfg, target = resume_config(uri, args.resume, explicit)
+        outcome = train_and_register(cfg, target)
+    else:
+        outcome = train_and_register(_train_config(args))
     print(f"MLflow run: {outcome.run_id}")
     print(f"registered: {outcome.model_name} version {outcome.version}")
     print(f"val  AUC {outcome.val['auc']:.4f}  ACC {outcome.val['acc']:.4f}")
     print(f"test AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}")
+    if outcome.clinical.get("markdown"):
+        print(outcome.clinical["markdown"])
+    print(outcome.champion)
     return 0
 
 
@@ -170,6 +203,25 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return run_pipeline(_train_config(args), _server(args), keep_serving=args.keep_serving)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from training.tune import TuneSettings, resume_tune, run_tune
+
+    if args.resume:
+        outcome = resume_tune(args.resume)
+    else:
+        settings = TuneSettings(
+            samples=args.samples,
+            max_concurrent=args.max_concurrent,
+            search=args.search,
+            trial_scheduler=args.trial_scheduler,
+            time_budget_s=args.time_budget_s,
+            space_file=args.space,
+        )
+        outcome = run_tune(_train_config(args), settings)
+    print(outcome.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medimg",
@@ -183,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train DenseNet-121 with Ray Train, track and register in MLflow"
     )
     _add_train_options(p)
+    p.add_argument(
+        "--resume",
+        default="",
+        help="continue a stopped run: MLflow run id, Ray run directory or checkpoint directory",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -220,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(p)
     p.add_argument("--keep-serving", action="store_true", help="keep the server running afterwards")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune (ASHA, Optuna)")
+    _add_train_options(p)  # the base config of every trial
+    p.add_argument("--samples", type=int, default=8, help="trials (default %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once (default 1)")
+    p.add_argument("--search", choices=("optuna", "random"), default="optuna", help="TPE or random")
+    p.add_argument("--trial-scheduler", choices=("asha", "none"), default="asha",
+                   help="asha: stop poor trials after each epoch")  # fmt: skip
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after S s (0: none)")
+    p.add_argument("--space", default="", help="YAML/JSON search space (default: lr, weight "
+                   "decay, batch size, optimizer, aug strength, image size)")  # fmt: skip
+    p.add_argument("--resume", default="", help="continue a stopped job: its Tune folder "
+                   "(the job's own options are used)")  # fmt: skip
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -19,7 +19,7 @@ from serving.client import TritonClassifier
 from serving.export import export_model
 from serving.server import TritonServer, serve_foreground
 from training.config import TrainConfig
-from training.data import prepare_split
+from training.data import DataOptions, open_split
 from training.errors import ServingError
 from training.metrics import evaluate
 from training.registry import load_model
@@ -38,16 +38,18 @@ class ServedEvaluation:
 
 
 def evaluate_served(
-    server: TritonServer, outcome: TrainOutcome, data_dir: str, size: int
+    server: TritonServer, outcome: TrainOutcome, cfg: TrainConfig
 ) -> ServedEvaluation:
     """Send the whole test split through ``server`` over gRPC and score it."""
     spec = outcome.spec
-    test = prepare_split(spec.dataset, "test", data_dir, size=size, image_size=spec.image_size)
+    test = open_split(
+        DataOptions.from_config(cfg), "test", image_size=spec.image_size, channels=spec.channels
+    )
     started = time.perf_counter()
     with TritonClassifier(server.grpc_url, "grpc", spec.model_name) as client:
-        probs = client.infer(test.x)
+        probs = client.infer(test.model_input(spec.mean, spec.std))
     seconds = time.perf_counter() - started
-    scores = evaluate(spec.task, test.y, probs)
+    scores = evaluate(spec.task, test.labels, probs)
     diff = float(np.max(np.abs(probs - outcome.test_probs)))
     return ServedEvaluation(scores["auc"], scores["acc"], diff, len(test), seconds)
 
@@ -106,7 +108,7 @@ def run_pipeline(cfg: TrainConfig, server: TritonServer, *, keep_serving: bool =
     )
 
     def on_ready(running: TritonServer) -> None:
-        served = evaluate_served(running, outcome, cfg.data_dir, cfg.size)
+        served = evaluate_served(running, outcome, cfg)
         report(outcome, served)
         log_to_mlflow(outcome, served, cfg.tracking_uri)
         check_agreement(outcome, served)

@@ -70,6 +70,10 @@ def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
             [str(tmp_path / "nowhere" / "pneumoniamnist.npz")],
         ),
         (["--image-size", "16"], ["image_size"]),
+        (["--augment", "hflip,zoom"], ["augment", "zoom"]),
+        (["--recipe", "resnet"], ["recipe", "chexnet"]),
+        (["--pretrained-weights", str(tmp_path / "none.pth")], [str(tmp_path / "none.pth")]),
+        (["--resume", "not-a-run"], ["not-a-run", "checkpoint"]),
     ]
     for args, named in cases:
         result = subprocess.run(
@@ -83,3 +87,58 @@ def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
         assert result.returncode != 0, args
         for text in named:
             assert text in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_stopped_run_resumes_in_the_same_mlflow_run(
+    medimg_cmd, cli_env, data_dir, tmp_path
+) -> None:
+    """Interrupt `medimg train` after its first epoch; `--resume RUN_ID` finishes the same
+    MLflow run from the checkpoint: every epoch logged exactly once."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")]
+    args = [
+        *medimg_cmd, "train", "--data-dir", str(data_dir), "--epochs", "3",
+        "--max-train-samples", "256", "--image-size", "32", *common,
+    ]  # fmt: skip
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, env=cli_env, stdout=out, stderr=subprocess.STDOUT)
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            experiment = client.get_experiment_by_name("medimg")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_auc"):
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run_id = runs[0].info.run_id
+    assert client.get_run(run_id).info.status != "FINISHED"
+    done = [m.step for m in client.get_metric_history(run_id, "val_auc")]
+    assert done and max(done) < 3, done
+
+    result = subprocess.run(
+        [*medimg_cmd, "train", "--resume", run_id, *common],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"MLflow run: {run_id}" in result.stdout
+    assert "resumed from" in result.stderr, result.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_auc" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(run_id, "val_auc")]
+    assert sorted(steps) == [1, 2, 3], steps

@@ -1,20 +1,22 @@
-"""Ray Train loop for DenseNet-121 on MedMNIST, with MLflow tracking.
+"""Ray Train loop for DenseNet-121, with MLflow tracking, checkpoints and fault tolerance.
 
-The driver opens an MLflow run, Ray Train's ``TorchTrainer`` runs
-:func:`train_loop_per_worker` on W workers (DDP over gloo, or NCCL on GPUs),
-rank 0 logs per-epoch metrics into that run, every epoch reports a checkpoint,
-the best one by val AUC is evaluated once on the test split and registered::
+The driver opens an MLflow run; Ray Train's ``TorchTrainer`` runs
+:func:`train_loop_per_worker` on W workers (DDP over gloo, or NCCL on GPUs), on this
+machine or a cluster (``--ray-address``). Every epoch each rank reports its metrics
+and rank 0 a checkpoint (weights, optimizer, schedule, epoch); the best K by val AUC
+are kept. A worker that dies is restarted from the last checkpoint
+(``--max-failures``), and a stopped run continues with ``--resume``::
 
-    medimg train --dataset pneumoniamnist --epochs 1 --max-train-samples 256 --workers 2
+    medimg train --dataset pneumoniamnist --epochs 2 --max-train-samples 256 --workers 2
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,29 +24,40 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader
 
+from training.augment import BatchTransform
 from training.config import TrainConfig
-from training.data import dataset_info, prepare_split
+from training.data import DataOptions, open_split
+from training.errors import TrainingError
+from training.loop import (
+    Schedule,
+    amp_context,
+    make_loss,
+    make_optimizer,
+    make_sampler,
+    run_epoch,
+)
 from training.metrics import evaluate
 from training.model import build_model, predict_proba, save_weights
 from training.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+METRIC_KEYS = (
+    "train_loss",
+    "val_auc",
+    "val_acc",
+    "epoch_time_s",
+    "train_time_s",
+    "train_images_per_s",
+    "data_wait_s",
+    "lr",
+)
 
 
-def _loss_fn(spec: ModelSpec) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if spec.multi_label else nn.CrossEntropyLoss()
-
-
-def _targets(spec: ModelSpec, y: torch.Tensor) -> torch.Tensor:
-    return y.float() if spec.multi_label else y[:, 0].long()
-
-
-def _gather_probs(
-    model: nn.Module, x: np.ndarray, spec: ModelSpec, rank: int, world: int
-) -> np.ndarray:
+def _gather_probs(model: nn.Module, x: np.ndarray, spec: ModelSpec, rank: int, world: int):
     """Each rank predicts rank::world of ``x``; every rank gets all predictions back."""
     idx = np.arange(rank, len(x), world)
     probs = predict_proba(model, x[idx], multi_label=spec.multi_label) if len(idx) else None
@@ -59,8 +72,45 @@ def _gather_probs(
     return out
 
 
+class _MlflowEpochs:
+    """Rank 0's per-epoch metrics into the driver's MLflow run, each epoch exactly once."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        self.run_id = cfg.mlflow_run_id
+
+    def logged_epochs(self) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, "val_auc")}
+
+    def log(self, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(metrics[k]), now, epoch) for k in METRIC_KEYS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+
+def _restore(checkpoint, model, optimizer, schedule, scaler) -> tuple[int, dict]:
+    """Load a checkpoint's weights and training state; return (its epoch, its metrics)."""
+    with checkpoint.as_directory() as d:
+        weights = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(weights["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), dict(state["metrics"])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: train ``epochs`` epochs, report metrics and a checkpoint each."""
+    """One Ray Train worker: train to ``epochs``, resuming from a checkpoint when there is one."""
     import ray.train
     import ray.train.torch
 
@@ -70,115 +120,167 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.cpus_per_worker >= 1:
         torch.set_num_threads(int(cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    spec = ModelSpec.for_dataset(cfg.dataset, cfg.image_size)
-
-    train = prepare_split(
-        cfg.dataset,
-        "train",
-        cfg.data_dir,
-        size=cfg.size,
-        image_size=cfg.image_size,
-        max_samples=cfg.max_train_samples,
-        seed=cfg.seed,
-    )
-    val = prepare_split(cfg.dataset, "val", cfg.data_dir, size=cfg.size, image_size=cfg.image_size)
-    dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
-    )
+    torch.manual_seed(cfg.seed + rank)
+    spec = ModelSpec.for_config(cfg)
+    opts = DataOptions.from_config(cfg)
+    size = dict(image_size=cfg.image_size, channels=spec.channels)
+    train = open_split(opts, "train", max_samples=cfg.max_train_samples, **size)
+    val_x = open_split(opts, "val", **size)
+    val_y, val_x = val_x.labels, val_x.model_input(spec.mean, spec.std)
+    sampler = make_sampler(cfg, train.labels, train, rank, world)
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(dataset) > cfg.batch_size
+        train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train) > cfg.batch_size
     )
-
-    model = ray.train.torch.prepare_model(build_model(spec.channels, spec.num_classes))
     device = ray.train.torch.get_device()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    loss_fn = _loss_fn(spec)
-    mlflow_client = None
-    if rank == 0 and cfg.mlflow_run_id:
-        from mlflow import MlflowClient
+    model = ray.train.torch.prepare_model(
+        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+    )
+    optimizer = make_optimizer(cfg, model.parameters())
+    schedule = Schedule(cfg, optimizer)
+    autocast, scaler = amp_context(cfg, device)
+    loss_fn = make_loss(cfg, spec, train.labels).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std, generator)
+    tracker = _MlflowEpochs(cfg) if rank == 0 and cfg.mlflow_run_id else None
 
-        mlflow_client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    start = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = ray.train.Checkpoint(cfg.resume_from)
+    if checkpoint is not None:
+        done, done_metrics = _restore(checkpoint, model, optimizer, schedule, scaler)
+        start = done + 1
+        if rank == 0:
+            log.info(
+                "resumed from %s: epoch %d done, continuing at %d", checkpoint.path, done, start
+            )
+        if tracker is not None and done not in tracker.logged_epochs():
+            tracker.log(done, done_metrics)  # killed between checkpoint and MLflow log
+    here = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    hosts: list[Any] = [here] * world
+    if world > 1:
+        torch.distributed.all_gather_object(hosts, here)
+    if tracker is not None:
+        tracker.tag("ray_worker_nodes", ",".join(hosts))
 
-    steps = len(loader)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         sampler.set_epoch(epoch)
-        model.train()
-        started, total, count = time.perf_counter(), 0.0, 0
-        for step, (x, y) in enumerate(loader, start=1):
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), _targets(spec, y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(x)
-            count += len(x)
+        started = time.perf_counter()
+
+        def progress(
+            step: int, steps: int, loss: float, seen: int, epoch=epoch, started=started
+        ) -> None:
             if rank == 0 and (step % 25 == 0 or step == steps):
-                rate = count * world / (time.perf_counter() - started)
+                rate = seen * world / (time.perf_counter() - started)
                 log.info(
                     "epoch %d/%d step %d/%d loss %.4f %.0f img/s",
-                    epoch,
-                    cfg.epochs,
-                    step,
-                    steps,
-                    total / count,
-                    rate,
-                )
-        scheduler.step()
-        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+                    epoch, cfg.epochs, step, steps, loss, rate,
+                )  # fmt: skip
+
+        stats = run_epoch(
+            model,
+            loader,
+            transform=lambda x: transform(x, train=True),
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            spec=spec,
+            device=device,
+            autocast=autocast,
+            scaler=scaler,
+            on_step=progress,
+        )
+        sums = torch.tensor([stats.loss_sum, stats.images], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(sums)  # on the device: NCCL reduces GPU tensors only
-        train_loss = float(sums[0] / sums[1])
-
-        probs = _gather_probs(model, val.x, spec, rank, world)
-        scores = evaluate(spec.task, val.y, probs)
+        probs = _gather_probs(model, val_x, spec, rank, world)
+        scores = evaluate(spec.task, val_y, probs)
         metrics = {
             "epoch": epoch,
-            "train_loss": train_loss,
+            "train_loss": float(sums[0] / sums[1]),
             "val_auc": scores["auc"] if math.isfinite(scores["auc"]) else 0.0,
             "val_acc": scores["acc"],
             "epoch_time_s": time.perf_counter() - started,
+            "train_time_s": stats.seconds,
+            "train_images_per_s": float(sums[1]) / stats.seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+            "data_wait_s": stats.load_seconds,
         }
-        if rank == 0:
-            log.info(
-                "epoch %d/%d train_loss %.4f val_auc %.4f val_acc %.4f",
-                epoch,
-                cfg.epochs,
-                train_loss,
-                metrics["val_auc"],
-                metrics["val_acc"],
-            )
-            if mlflow_client is not None:
-                from mlflow.entities import Metric
-
-                now = int(time.time() * 1000)
-                mlflow_client.log_batch(
-                    cfg.mlflow_run_id,
-                    metrics=[
-                        Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"
-                    ],
-                )
-            with tempfile.TemporaryDirectory() as tmp:
-                save_weights(model, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        schedule.step(metrics["val_auc"])
+        if rank != 0:
             ray.train.report(metrics)
+            continue
+        log.info(
+            "epoch %d/%d train_loss %.4f val_auc %.4f val_acc %.4f (%.0f s)",
+            epoch, cfg.epochs, metrics["train_loss"], metrics["val_auc"], metrics["val_acc"],
+            metrics["epoch_time_s"],
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            save_weights(model, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
+            state = {
+                "epoch": epoch,
+                "metrics": metrics,
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            torch.save(state, Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if tracker is not None:  # after the checkpoint is safe: a restart re-logs if needed
+            tracker.log(epoch, metrics)
 
 
 def resolve_resources(cfg: TrainConfig) -> TrainConfig:
-    """Start or join Ray, then fill in CPUs per worker and GPU use: GPUs when CUDA exists,
-    else the cluster's CPUs shared between the workers."""
+    """Start or join Ray (``ray_address``), then fill in CPUs and GPUs per worker: GPUs
+    when asked for or when this machine has CUDA, else the cluster's CPUs shared out."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-    cfg.use_gpu = cfg.use_gpu or torch.cuda.is_available()
-    if not cfg.cpus_per_worker:
-        total = int(ray.cluster_resources().get("CPU", 1))
-        cfg.cpus_per_worker = float(max(1, total // cfg.workers))
+        ray.init(address=cfg.ray_address or None, log_to_driver=True, configure_logging=False)
+    if cfg.gpus_per_worker > 0:
+        cfg.use_gpu = True
+    elif cfg.use_gpu or (not cfg.ray_address and torch.cuda.is_available()):
+        cfg.use_gpu, cfg.gpus_per_worker = True, 1.0
+    resources = ray.cluster_resources()
+    if cfg.use_gpu and resources.get("GPU", 0) < cfg.gpus_per_worker * cfg.workers:
+        raise TrainingError(
+            f"{cfg.workers} worker(s) x {cfg.gpus_per_worker} GPU need "
+            f"{cfg.workers * cfg.gpus_per_worker:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
+        )
+    if not cfg.cpus_per_worker:  # share the CPUs out, but no worker asks for more than a node has
+        total = int(resources.get("CPU", 1))
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        cfg.cpus_per_worker = float(max(1, min(total // cfg.workers, int(largest))))
     return cfg
+
+
+def build_trainer(cfg: TrainConfig, run_name: str, *, callbacks: list | None = None):
+    """The configured ``TorchTrainer``. Reusing ``run_name`` under the same storage path
+    continues that run from its latest checkpoint (Ray Train's own resume)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker or 1.0
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=cfg.storage_path,
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.num_to_keep,
+                checkpoint_score_attribute="val_auc",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
 
 
 @dataclass
@@ -189,42 +291,23 @@ class Best:
     weights: Path
 
 
-def fit(cfg: TrainConfig) -> Best:
-    """Run the TorchTrainer; return the best checkpoint by val AUC."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from training.errors import TrainingError
-
-    dataset_info(cfg.dataset)  # fail fast on an unknown name
-    cfg = resolve_resources(cfg)
-    workers, cpus, use_gpu = cfg.workers, cfg.cpus_per_worker, cfg.use_gpu
-    run_name = f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=cfg.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.num_to_keep,
-                checkpoint_score_attribute="val_auc",
-                checkpoint_score_order="max",
-            ),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors in its own types
-        raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
+def best_from_result(result) -> Best:
+    """The best checkpoint by val AUC of a finished Train run, copied to a local file."""
     if not result.best_checkpoints:
-        raise TrainingError(f"training run {run_name} reported no checkpoint")
+        raise TrainingError(f"training run at {result.path} reported no checkpoint")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_auc"])
     with checkpoint.as_directory() as ckpt_dir:
         local = Path(tempfile.mkdtemp(prefix="medimg-best-")) / CHECKPOINT_FILE
         local.write_bytes((Path(ckpt_dir) / CHECKPOINT_FILE).read_bytes())
     return Best(metrics=dict(metrics), weights=local)
+
+
+def fit(cfg: TrainConfig, run_name: str) -> Best:
+    """Run (or continue) the Ray Train run ``run_name``; return its best checkpoint."""
+    cfg = resolve_resources(cfg)
+    trainer = build_trainer(cfg, run_name)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors in its own types
+        raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
+    return best_from_result(result)

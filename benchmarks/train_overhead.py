@@ -1,0 +1,151 @@
+"""Ray Train overhead: the same epochs through Ray Train (1 worker) and a plain PyTorch
+loop, in one run, on the same data, model, optimizer and epoch function
+(``training.loop.run_epoch``); plus the input pipeline's images/s against the training
+step's images/s.
+
+Prints the ratio of Ray's per-epoch training time to the plain loop's (target ≤ 1.05;
+Ray's fixed start-up cost is reported separately) and the input/step throughput ratio
+(target ≥ 3)::
+
+    python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 --max-train-samples 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from training.augment import BatchTransform
+from training.config import TrainConfig
+from training.data import DataOptions, open_split
+from training.loop import Schedule, make_loss, make_optimizer, make_sampler, run_epoch
+from training.model import build_model
+from training.spec import ModelSpec
+
+
+def plain_epochs(cfg: TrainConfig) -> list[float]:
+    """Seconds of ``run_epoch`` per epoch in this process, no Ray."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(int(cfg.cpus_per_worker))
+    spec = ModelSpec.for_config(cfg)
+    train = open_split(
+        DataOptions.from_config(cfg),
+        "train",
+        image_size=cfg.image_size,
+        channels=spec.channels,
+        max_samples=cfg.max_train_samples,
+    )
+    sampler = make_sampler(cfg, train.labels, train, 0, 1)
+    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    model = build_model(spec.channels, spec.num_classes)
+    optimizer = make_optimizer(cfg, model.parameters())
+    schedule = Schedule(cfg, optimizer)
+    transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std)
+    loss_fn = make_loss(cfg, spec, train.labels)
+    times = []
+    for epoch in range(1, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        stats = run_epoch(
+            model,
+            loader,
+            transform=lambda x: transform(x, train=True),
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            spec=spec,
+            device=torch.device("cpu"),
+        )
+        schedule.step(0.0)
+        times.append(stats.seconds)
+        print(
+            f"plain  epoch {epoch}: {stats.seconds:.1f} s ({stats.images / stats.seconds:.0f} img/s)"
+        )
+    return times
+
+
+def input_pipeline_rate(cfg: TrainConfig, batches: int = 50) -> float:
+    """Images/s of the loader plus the batched augmentation and normalisation alone."""
+    spec = ModelSpec.for_config(cfg)
+    train = open_split(
+        DataOptions.from_config(cfg),
+        "train",
+        image_size=cfg.image_size,
+        channels=spec.channels,
+        max_samples=cfg.max_train_samples,
+    )
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std)
+    seen, started = 0, time.perf_counter()
+    while seen < batches * cfg.batch_size:
+        for x, _ in loader:
+            transform(x, train=True)
+            seen += len(x)
+            if seen >= batches * cfg.batch_size:
+                break
+    return seen / (time.perf_counter() - started)
+
+
+def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float]:
+    """Per-epoch ``run_epoch`` seconds reported by the Ray Train worker, and total wall time."""
+    import ray
+
+    from training.run import new_ray_run_name
+    from training.train import build_trainer, resolve_resources
+
+    started = time.perf_counter()
+    cfg = resolve_resources(cfg)
+    result = build_trainer(cfg, new_ray_run_name(cfg)).fit()
+    wall = time.perf_counter() - started
+    history = result.metrics_dataframe
+    times = [float(t) for t in history["train_time_s"]]
+    for epoch, seconds in enumerate(times, start=1):
+        print(f"ray    epoch {epoch}: {seconds:.1f} s")
+    ray.shutdown()
+    return times, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="pneumoniamnist")
+    p.add_argument("--data-dir", default="")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-train-samples", type=int, default=1024)
+    p.add_argument("--augment", default="hflip,affine")
+    p.add_argument("--storage-path", default="ray_results/benchmarks")
+    args = p.parse_args()
+    cpus = max(1, torch.get_num_threads())
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        max_train_samples=args.max_train_samples,
+        augment=args.augment,
+        cpus_per_worker=float(cpus),
+        storage_path=args.storage_path,
+    )
+    plain = plain_epochs(cfg)
+    ray_times, wall = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
+    step_rate = (
+        args.max_train_samples // args.batch_size * args.batch_size / (sum(plain) / len(plain))
+    )
+    input_rate = input_pipeline_rate(cfg)
+    # the first epoch includes warm-up in both; compare the steady-state epochs when there are any
+    skip = 1 if args.epochs > 1 else 0
+    ratio = sum(ray_times[skip:]) / sum(plain[skip:])
+    fixed = wall - sum(ray_times)
+    print(
+        f"ray/plain epoch time: {ratio:.3f} (target <= 1.05); Ray start-up and evaluation outside the epochs: {fixed:.0f} s"
+    )
+    print(
+        f"input pipeline {input_rate:.0f} img/s, training step {step_rate:.0f} img/s: ratio {input_rate / step_rate:.1f} (target >= 3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
