@@ -36,6 +36,16 @@ PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+def epochs_for(dataset: str, spec: str) -> int:
+    """``--epochs 10`` for every data set, or ``pneumoniamnist=8,breastmnist=40``."""
+    if "=" not in spec:
+        return int(spec)
+    table = dict(item.split("=", 1) for item in spec.split(","))
+    if dataset not in table:
+        raise SystemExit(f"--epochs: no value for {dataset} in {spec!r}")
+    return int(table[dataset])
+
+
 def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
     import ray
 
@@ -48,7 +58,7 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
         data_dir=args.data_dir,
         size=args.size,
         image_size=args.image_size,
-        epochs=args.epochs,
+        epochs=epochs_for(dataset, args.epochs),
         batch_size=args.batch_size,
         lr=args.lr,
         augment=args.augment,
@@ -61,9 +71,9 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
     )
     started = time.perf_counter()
     if args.tune_samples:
-        from training.tune import TuneOptions, run_tune
+        from training.tune import TuneSettings, run_tune
 
-        outcome = run_tune(cfg, TuneOptions(samples=args.tune_samples))
+        outcome = run_tune(cfg, TuneSettings(samples=args.tune_samples)).registered
     else:
         outcome = train_and_register(cfg)
     ray.shutdown()
@@ -111,7 +121,9 @@ def main() -> None:
     p.add_argument("--recipe", default="", help="medmnist | chexnet (explicit options below win)")
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--epochs", default="10", help="N, or per data set: pneumoniamnist=8,breastmnist=40"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--augment", default="hflip,affine")
@@ -128,7 +140,7 @@ def main() -> None:
     results = {d: run_one(d, args) for d in args.datasets.split(",") if d}
     wall = time.perf_counter() - started
     label = (
-        f"medimg DenseNet-121 ({args.image_size} px from {args.size} px files, {args.epochs} epochs"
+        f"medimg DenseNet-121 ({args.image_size} px from {args.size} px files, epochs {args.epochs}"
         + (f", tuned {args.tune_samples} trials" if args.tune_samples else "")
         + ")"
     )

@@ -99,7 +99,13 @@ def parity(
 def parity_images(spec: ModelSpec, data_dir: str, count: int) -> np.ndarray:
     """``count`` real validation images of the model's data set, preprocessed."""
     split = prepare_split(
-        spec.dataset, "val", data_dir, image_size=spec.image_size, max_samples=count
+        spec.dataset,
+        "val",
+        data_dir,
+        image_size=spec.image_size,
+        max_samples=count,
+        mean=spec.mean,
+        std=spec.std,
     )
     return split.x[:count]
 
