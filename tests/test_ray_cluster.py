@@ -1,6 +1,6 @@
 """Ray Train on a real two-node local cluster: training spreads across both nodes, and a
 training worker killed mid-run is restarted from the last checkpoint with no epoch lost
-or repeated in the MLflow metrics."""
+or repeated in the MLflow metrics. One run proves both (each costs Ray's start-up)."""
 
 from __future__ import annotations
 
@@ -35,28 +35,17 @@ def _only_run(uri: str):
     return client, run
 
 
-def test_training_spans_two_nodes(ray_cluster, medimg_cmd, cli_env, data_dir, tmp_path) -> None:
-    args = _train_args(
-        medimg_cmd, ray_cluster, tmp_path, data_dir,
-        "--workers", "2", "--cpus-per-worker", "1", "--epochs", "1", "--max-train-samples", "128",
-    )  # fmt: skip
-    result = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=480)
-    assert result.returncode == 0, result.stderr[-4000:]
-    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert run.info.status == "FINISHED"
-    nodes = run.data.tags["ray_worker_nodes"].split(",")
-    # one worker per node: each node has 1 CPU and each worker asks for 1
-    assert len(nodes) == 2 and len({n.split("/")[1] for n in nodes}) == 2, nodes
-    assert run.data.params["workers"] == "2"
-
-
-def test_killed_worker_resumes_from_checkpoint(
+def test_training_spans_two_nodes_and_survives_a_killed_worker(
     ray_cluster, medimg_cmd, cli_env, data_dir, tmp_path
 ) -> None:
+    """Two workers, one per node (each node has 1 CPU, each worker asks for 1). After the
+    first epoch a training worker is SIGKILLed: the worker group restarts from the last
+    checkpoint and the run finishes with every epoch in MLflow exactly once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = _train_args(
         medimg_cmd, ray_cluster, tmp_path, data_dir,
-        "--workers", "1", "--epochs", "4", "--max-train-samples", "384", "--max-failures", "2",
+        "--workers", "2", "--cpus-per-worker", "1", "--epochs", "3",
+        "--max-train-samples", "384", "--max-failures", "2",
     )  # fmt: skip
     log = tmp_path / "train.log"
     with log.open("w") as out:
@@ -87,5 +76,8 @@ def test_killed_worker_resumes_from_checkpoint(
     client, run = _only_run(uri)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
-    assert sorted(steps) == [1, 2, 3, 4], steps  # none lost, none twice
+    assert sorted(steps) == [1, 2, 3], steps  # none lost, none twice
+    nodes = run.data.tags["ray_worker_nodes"].split(",")
+    assert len(nodes) == 2 and len({n.split("/")[1] for n in nodes}) == 2, nodes
+    assert run.data.params["workers"] == "2"
     assert victims[0] not in ray_cluster.processes_titled("ray::RayTrainWorker")
