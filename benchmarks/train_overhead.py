@@ -26,18 +26,22 @@ from training.model import build_model
 from training.spec import ModelSpec
 
 
-def plain_epochs(cfg: TrainConfig) -> list[float]:
-    """Seconds of ``run_epoch`` per epoch in this process, no Ray."""
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(int(cfg.cpus_per_worker))
-    spec = ModelSpec.for_config(cfg)
-    train = open_split(
+def _train_split(cfg: TrainConfig, spec: ModelSpec):
+    return open_split(
         DataOptions.from_config(cfg),
         "train",
         image_size=cfg.image_size,
         channels=spec.channels,
         max_samples=cfg.max_train_samples,
     )
+
+
+def plain_epochs(cfg: TrainConfig) -> list[float]:
+    """Seconds of ``run_epoch`` per epoch in this process, no Ray."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(int(cfg.cpus_per_worker))
+    spec = ModelSpec.for_config(cfg)
+    train = _train_split(cfg, spec)
     sampler = make_sampler(cfg, train.labels, train, 0, 1)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
     model = build_model(spec.channels, spec.num_classes)
@@ -68,13 +72,7 @@ def plain_epochs(cfg: TrainConfig) -> list[float]:
 def input_pipeline_rate(cfg: TrainConfig, batches: int = 50) -> float:
     """Images/s of the loader plus the batched augmentation and normalisation alone."""
     spec = ModelSpec.for_config(cfg)
-    train = open_split(
-        DataOptions.from_config(cfg),
-        "train",
-        image_size=cfg.image_size,
-        channels=spec.channels,
-        max_samples=cfg.max_train_samples,
-    )
+    train = _train_split(cfg, spec)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std)
     seen, started = 0, time.perf_counter()
