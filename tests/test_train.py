@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 from pipeline_fixtures import write_medmnist_npz
 
 from training.config import TrainConfig
@@ -52,14 +53,23 @@ def test_bad_data_fails_the_mlflow_run(tmp_path: Path) -> None:
     write_medmnist_npz(
         tmp_path / "pneumoniamnist.npz", {"train": 8, "val": 4, "test": 4}, n_classes=5
     )
+    one_class = tmp_path / "folder"
+    for i in range(6):
+        (one_class / "covid").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(one_class / "covid" / f"{i}.png")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = TrainConfig(data_dir=str(tmp_path), tracking_uri=uri, storage_path=str(tmp_path / "ray"))
-    with pytest.raises(DataError, match="train_labels"):
-        train_and_register(cfg)
+    cases = [  # (options, what the error names)
+        ({"data_dir": str(tmp_path)}, "train_labels"),
+        ({"dataset": "folder", "data_dir": str(one_class)}, "class"),
+    ]
+    for options, named in cases:
+        cfg = TrainConfig(tracking_uri=uri, storage_path=str(tmp_path / "ray"), **options)
+        with pytest.raises(DataError, match=named):
+            train_and_register(cfg)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("medimg")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FAILED"
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
 
 
 def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
@@ -74,6 +84,7 @@ def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
         (["--recipe", "resnet"], ["recipe", "chexnet"]),
         (["--pretrained-weights", str(tmp_path / "none.pth")], [str(tmp_path / "none.pth")]),
         (["--resume", "not-a-run"], ["not-a-run", "checkpoint"]),
+        (["--gpus-per-worker", "1"], ["GPU", "the Ray cluster has 0"]),
     ]
     for args, named in cases:
         result = subprocess.run(

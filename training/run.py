@@ -170,6 +170,8 @@ def log_config(cfg: TrainConfig, ray_name: str) -> None:
 
 
 def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
+    import mlflow
+
     from training.train import fit, resolve_resources
 
     # Fail here, not inside the Ray workers: unknown data set, bad data, bad weights file.
@@ -177,6 +179,13 @@ def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
     check_data(DataOptions.from_config(cfg))
     if cfg.pretrained_weights:
         build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+    if spec.task == "ordinal-regression":
+        note = (
+            f"{cfg.dataset} is ordinal ({len(spec.class_names)} grades); trained and "
+            "evaluated as multi-class (cross-entropy, macro one-vs-rest AUC), as MedMNIST does"
+        )
+        log.warning("%s", note)
+        mlflow.set_tag("task_note", note)
     cfg = resolve_resources(cfg)
     best = fit(cfg, ray_name)
     return finish_run(cfg, best)
