@@ -98,31 +98,24 @@ def test_unknown_space_key_fails_parent_run(medimg_cmd, cli_env, tmp_path: Path)
 def test_tune_interrupted_resumed_and_registered(
     medimg_cmd, cli_env, data_dir, tmp_path: Path
 ) -> None:
-    """Two trials of 2 epochs: SIGINT after the first finished, ``--resume`` runs only the
-    second; parent + child runs, per-epoch metrics, the best trial registered from its run."""
+    """Two trials of 2 epochs, SIGINT while the second runs: the job stops with its state
+    saved; ``--resume`` re-runs only the second. Parent + child runs with params and
+    per-epoch metrics; the best trial by val AUC is registered from its child run."""
     uri = cli_env["MLFLOW_TRACKING_URI"]
     (tmp_path / "space.yaml").write_text(SPACE)
     args = [*medimg_cmd, "tune", *TINY, "--data-dir", str(data_dir), "--epochs", "2"]
-    args += [
-        "--samples",
-        "2",
-        "--search",
-        "optuna",
-        "--trial-scheduler",
-        "none",
-        "--experiment",
-        "tune",
-    ]
-    args += ["--space", str(tmp_path / "space.yaml"), "--storage-path", str(tmp_path / "ray")]
+    args += ["--samples", "2", "--search", "optuna", "--trial-scheduler", "none"]
+    args += ["--experiment", "tune", "--space", str(tmp_path / "space.yaml")]
+    args += ["--storage-path", str(tmp_path / "ray")]
     log = tmp_path / "first.log"
     with log.open("w") as out:
         proc = subprocess.Popen(args, env=cli_env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not any(c.info.status == "FINISHED" for c in _runs(uri, "tune")[1]):
+        while sorted(c.info.status for c in _runs(uri, "tune")[1]) != ["FINISHED", "RUNNING"]:
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
+            time.sleep(0.5)
         interrupted_ms = time.time() * 1000
         proc.send_signal(signal.SIGINT)  # Tune saves its state and returns
         assert proc.wait(timeout=180) == 1, log.read_text()[-4000:]
@@ -130,10 +123,12 @@ def test_tune_interrupted_resumed_and_registered(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    text = log.read_text()
-    path = re.search(r"medimg tune --resume (\S+?)`", text).group(1)
-    (parent,), (first, *_) = _runs(uri, "tune")
-    assert parent.info.status == "KILLED" and first.info.status == "FINISHED"
+    path = re.search(r"medimg tune --resume (\S+?)`", log.read_text()).group(1)
+    (parent,), children = _runs(uri, "tune")
+    first = next(c for c in children if c.info.status == "FINISHED")
+    second = next(c for c in children if c is not first)
+    assert parent.info.status == "KILLED" and second.info.status == "KILLED"
+    assert second.data.tags["interrupted"] == "true"
 
     resumed = subprocess.run(
         [*medimg_cmd, "tune", "--resume", path],
@@ -152,6 +147,7 @@ def test_tune_interrupted_resumed_and_registered(
     assert "resumed_at" not in again.data.tags  # not re-run
     first_history = client.get_metric_history(again.info.run_id, "val_auc")
     assert max(m.timestamp for m in first_history) < interrupted_ms
+    assert "resumed_at" in by_trial[second.data.tags["ray_trial_id"]].data.tags  # re-run
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["batch_size"] in ("16", "32")  # from the search space
