@@ -207,6 +207,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from training.tune import TuneSettings, resume_tune, run_tune
 
     if args.resume:
+        ignored = sorted(_explicit_options(args))
+        if ignored:
+            from training.errors import ConfigError
+
+            raise ConfigError(
+                f"tune --resume continues the job with its own saved options; drop {ignored}"
+            )
         outcome = resume_tune(args.resume)
     else:
         settings = TuneSettings(

@@ -169,16 +169,10 @@ def test_tune_interrupted_resumed_and_registered(
     assert resumed.stdout.count(" done") == 2, resumed.stdout
 
 
-def _slow(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
-
-
 @pytest.mark.slow
-def test_asha_stops_below_the_rung_cutoff(request, data_dir, tmp_path: Path) -> None:
+def test_asha_stops_below_the_rung_cutoff(data_dir, tmp_path: Path) -> None:
     """Four sequential trials, ASHA (reduction 2): a trial stops after epoch 1 exactly when
     its val AUC is below the median of the earlier trials' epoch-1 AUCs."""
-    _slow(request)
     import ray
 
     from training.tune import TuneSettings, run_tune

@@ -169,16 +169,22 @@ def log_config(cfg: TrainConfig, ray_name: str) -> None:
     )
 
 
+def preflight(cfg: TrainConfig) -> ModelSpec:
+    """Fail in the driver, not inside every Ray worker: unknown data set, bad data, a bad
+    weights file. Returns the model spec."""
+    spec = ModelSpec.for_config(cfg)
+    check_data(DataOptions.from_config(cfg))
+    if cfg.pretrained_weights:
+        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+    return spec
+
+
 def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
     import mlflow
 
     from training.train import fit, resolve_resources
 
-    # Fail here, not inside the Ray workers: unknown data set, bad data, bad weights file.
-    spec = ModelSpec.for_config(cfg)
-    check_data(DataOptions.from_config(cfg))
-    if cfg.pretrained_weights:
-        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+    spec = preflight(cfg)
     if spec.task == "ordinal-regression":
         note = (
             f"{cfg.dataset} is ordinal ({len(spec.class_names)} grades); trained and "

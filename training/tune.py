@@ -137,18 +137,6 @@ def _local_dashboard(cfg: TrainConfig) -> dict[str, Any]:
     return {"dashboard_port": port, "runtime_env": {"env_vars": env}}
 
 
-def _preflight(cfg: TrainConfig) -> None:
-    """Fail in the driver, not in every trial: unknown data set, bad data, bad weights."""
-    from training.data import DataOptions, check_data
-    from training.model import build_model
-    from training.spec import ModelSpec
-
-    spec = ModelSpec.for_config(cfg)
-    check_data(DataOptions.from_config(cfg))
-    if cfg.pretrained_weights:
-        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
-
-
 def _tuner(ref: JobRef, base: TrainConfig, space: dict, settings: TuneSettings):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -223,9 +211,10 @@ def run_tune(base: TrainConfig, settings: TuneSettings) -> TuneOutcome:
         if "aug_strength" in space and "augment" not in space and not base.augment:
             base = replace(base, augment=DEFAULT_AUGMENT)
             log.info("searching aug_strength: trials augment with %r", DEFAULT_AUGMENT)
-        _preflight(base)
+        from training.run import NOT_LOGGED, preflight
+
+        preflight(base)  # fail in the driver, not in every trial
         base = _init_ray(base, settings.max_concurrent)
-        from training.run import NOT_LOGGED  # after the checks: a bad space fails fast
 
         params = {k: v for k, v in base.to_dict().items() if k not in {*NOT_LOGGED, *space}}
         params.update({f"tune.{k}": v for k, v in asdict(settings).items()})
