@@ -126,6 +126,7 @@ def main() -> None:
         augment=args.augment,
         cpus_per_worker=float(cpus),
         storage_path=args.storage_path,
+        num_to_keep=args.epochs,  # Ray's metrics_dataframe holds the kept checkpoints' rows
     )
     plain = plain_epochs(cfg)
     ray_times, wall = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
