@@ -5,9 +5,11 @@ PIDs this fixture holds (never ``ray stop``, which ends every Ray process by nam
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,17 @@ def _ray() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, temp_dir: Path) -> subprocess.Popen:
+    """``ray start`` with a temp dir of its own: it writes the cluster's address to
+    ``<temp dir>/ray_current_cluster``, which only ``ray stop`` clears; left in the shared
+    temp dir, every later ``ray.init()`` with no address would join the dead cluster."""
+    env = {**os.environ, "RAY_TMPDIR": str(temp_dir)}
     return subprocess.Popen(
         [_ray(), "start", *args, "--block"],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )
 
 
@@ -91,6 +98,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> RayCluster:
     work = tmp_path_factory.mktemp("ray_cluster")
     port = find_free_port()
     head_log, node_log = work / "head.log", work / "node2.log"
+    temp_dir = Path(tempfile.mkdtemp(prefix="medimg-ray-"))  # short: Ray's sockets live here
     head = _start(
         [
             "--head",
@@ -101,6 +109,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> RayCluster:
             "--include-dashboard", "false",
         ],
         head_log,
+        temp_dir,
     )  # fmt: skip
     procs = [head]
     try:
@@ -114,6 +123,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> RayCluster:
                 "--resources", '{"node2": 1}',
             ],
             node_log,
+            temp_dir,
         )  # fmt: skip
         procs.append(node)
         _wait_started(node, node_log)
@@ -122,3 +132,4 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> RayCluster:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -100,6 +100,34 @@ def test_cli_train_bad_input(medimg_cmd, cli_env, tmp_path: Path) -> None:
             assert text in result.stderr, (args, result.stderr[-2000:])
 
 
+def test_train_starts_its_own_ray_despite_a_stale_cluster_address(
+    medimg_cmd, cli_env, tmp_path: Path
+) -> None:
+    """A `ray start` cluster that ended without `ray stop` leaves its address in
+    ``ray_current_cluster``; with no --ray-address, train starts a local instance instead
+    of waiting on that dead address (Ray's own default for ``ray.init()``)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="medimg-ray-"))  # short: Ray's sockets live here
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
+        env = {**cli_env, "RAY_TMPDIR": str(ray_tmp)}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run(
+            [*medimg_cmd, "train", "--gpus-per-worker", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode != 0
+    assert "the Ray cluster has 0" in result.stderr, result.stderr[-2000:]
+
+
 def test_stopped_run_resumes_in_the_same_mlflow_run(
     medimg_cmd, cli_env, data_dir, tmp_path
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import tempfile
 import time
@@ -229,13 +230,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.log(epoch, metrics)
 
 
+def ray_address(cfg: TrainConfig) -> str:
+    """``--ray-address``, else ``RAY_ADDRESS``, else ``"local"``: a new local instance.
+    Never Ray's own fallback for no address, which joins whatever the last ``ray start``
+    on this machine wrote to ``ray_current_cluster`` and, when that cluster is gone,
+    waits on its dead address for minutes."""
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_ray(cfg: TrainConfig, **kwargs: Any) -> None:
+    """Start or join Ray as :func:`ray_address` says."""
+    import ray
+
+    ray.init(address=ray_address(cfg), log_to_driver=True, configure_logging=False, **kwargs)
+
+
 def resolve_resources(cfg: TrainConfig) -> TrainConfig:
     """Start or join Ray (``ray_address``), then fill in CPUs and GPUs per worker: GPUs
     when asked for or when this machine has CUDA, else the cluster's CPUs shared out."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address or None, log_to_driver=True, configure_logging=False)
+        init_ray(cfg)
     if cfg.gpus_per_worker > 0:
         cfg.use_gpu = True
     elif cfg.use_gpu or (not cfg.ray_address and torch.cuda.is_available()):

@@ -96,15 +96,10 @@ def _init_ray(cfg: TrainConfig, max_concurrent: int) -> TrainConfig:
     """Start or join Ray; share the CPUs between ``max_concurrent`` trials of W workers."""
     import ray
 
-    from training.train import resolve_resources
+    from training.train import init_ray, resolve_resources
 
     if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray_address or None,
-            log_to_driver=True,
-            configure_logging=False,
-            **_local_dashboard(cfg),
-        )
+        init_ray(cfg, **_local_dashboard(cfg))
     total = ray.cluster_resources().get("CPU", 1)
     need = cfg.workers * max_concurrent
     if not cfg.cpus_per_worker:
