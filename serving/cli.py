@@ -2,7 +2,8 @@
 
 medimg train --dataset pneumoniamnist --epochs 3
 medimg export --model pneumoniamnist-densenet121
-medimg serve
+medimg serve --model-control-mode explicit
+medimg publish --model pneumoniamnist-densenet121@champion --url 127.0.0.1:8000
 medimg classify ../shared/data/samples/*.png --protocol grpc
 medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
 """
@@ -110,6 +111,13 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="explicit: load/unload through the repository API (what `medimg publish --url` "
+        "uses); none: the repository as it was at start (default)",
+    )
 
 
 def _server(args: argparse.Namespace):
@@ -121,6 +129,7 @@ def _server(args: argparse.Namespace):
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
     )
 
 
@@ -158,13 +167,110 @@ def cmd_export(args: argparse.Namespace) -> int:
         load_model(tracking_uri, uri),
         Path(args.repository),
         data_dir=args.data_dir or default_data_dir(),
-        max_batch_size=args.max_batch_size,
+        options=repository_options(args),
+        version=args.version,
+        fp16=args.fp16,
+    )
+    fp16 = f"; fp16 vs fp32 max abs diff {report.fp16_max_abs_diff:.2e}" if args.fp16 else ""
+    print(
+        f"exported {what} -> {', '.join(report.models.names)} version {report.version} in "
+        f"{args.repository} (--target {args.target}; ONNX parity max abs diff "
+        f"{report.max_abs_diff:.2e} at batch sizes {list(report.parity_batches)}{fp16})"
+    )
+    if args.target == "gpu":
+        from serving.engine_repository import build_step_script
+
+        script = build_step_script(Path(args.repository), report.model_dir.name, report.version)
+        print(f"TensorRT plan: run {script} on the GPU host that serves this repository")
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from serving.engine_repository import build_in_repository
+    from training.config import default_data_dir
+
+    built = build_in_repository(
+        Path(args.repository),
+        args.model,
+        data_dir=args.data_dir or default_data_dir(),
+        version=args.version,
+        fp16=not args.fp32,
+        int8_images=args.int8_images,
+        use_in_ensemble=args.use_in_ensemble,
     )
     print(
-        f"exported {what} -> {report.model_dir}/{report.version} "
-        f"(ONNX parity max abs diff {report.max_abs_diff:.2e} at batch sizes {list(report.parity_batches)})"
+        f"built {built.model_dir.name} version {built.version} in {built.seconds:.0f} s: "
+        f"top-1 agreement with ONNX Runtime {built.top1_agreement:.3f}, "
+        f"max abs diff {built.max_abs_diff:.2e}"
     )
     return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from serving.publish import publish
+    from training.config import default_data_dir, default_tracking_uri
+
+    published = publish(
+        args.model,
+        args.repository,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        data_dir=args.data_dir or default_data_dir(),
+        options=repository_options(args),
+        url=args.url,
+        s3_endpoint=args.s3_endpoint or None,
+    )
+    print(
+        f"published {published.what} as version {published.version} of "
+        f"{', '.join(published.models)} in {published.repository} "
+        f"(ONNX parity max abs diff {published.report.max_abs_diff:.2e})"
+    )
+    if published.serving is not None:
+        print(f"{args.url} now serves {published.models[1]} version(s) {published.serving}")
+    return 0
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def add_repository_options(p: argparse.ArgumentParser) -> None:
+    """How exported models batch, place and version (``serving.model_configs``)."""
+    g = p.add_argument_group("model repository")
+    g.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
+                   "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
+    g.add_argument("--max-batch-size", type=int, default=32)
+    g.add_argument("--preferred-batch-sizes", type=_batch_sizes, default=(8, 16, 32),
+                   help="dynamic batching (default 8,16,32)")  # fmt: skip
+    g.add_argument("--max-queue-delay-us", type=int, default=5000)
+    g.add_argument("--instances", type=int, default=1, help="classifier instances")
+    g.add_argument("--preprocess-instances", type=int, default=1)
+    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime (0: default)")
+    g.add_argument("--version-policy", default="latest:1", help="latest:N | all | specific:V,..")
+    g.add_argument("--trt-precision", choices=("FP16", "FP32"), default="FP16")
+    g.add_argument("--no-warmup", action="store_true", help="no model_warmup in the configs")
+
+
+def repository_options(args: argparse.Namespace):
+    from serving.model_configs import RepositoryOptions
+
+    return RepositoryOptions(
+        target=args.target,
+        max_batch_size=args.max_batch_size,
+        preferred_batch_sizes=args.preferred_batch_sizes,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instance_count=args.instances,
+        preprocess_instance_count=args.preprocess_instances,
+        intra_op_threads=args.intra_op_threads,
+        version_policy=args.version_policy,
+        trt_precision=args.trt_precision,
+        warmup=not args.no_warmup,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,7 +289,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from serving.client import TritonClassifier
 
     failed = 0
-    with TritonClassifier(args.url, args.protocol, args.model) as client:
+    with TritonClassifier(
+        args.url, args.protocol, args.model, client_preprocess=args.client_preprocess
+    ) as client:
         for pred in client.classify_files(args.files):
             if pred.error:
                 failed += 1
@@ -260,21 +368,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", default="", help="real images for the parity check (the model's data set)"
     )
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--version", type=int, default=None, help="(default: the next version)")
+    p.add_argument("--fp16", action="store_true", help="serve a float16 ONNX variant "
+                   "(checked against the fp32 one; float32 inputs and outputs)")  # fmt: skip
+    add_repository_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "build-engine",
+        help="build a TensorRT plan (NAME_trt) from NAME_onnx, on the GPU host that serves it",
+    )
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY)
+    p.add_argument("--model", required=True, help="the ensemble's NAME")
+    p.add_argument("--version", type=int, default=None, help="of NAME_onnx (default: newest)")
+    p.add_argument("--fp32", action="store_true", help="no FP16 kernels")
+    p.add_argument("--int8-images", type=int, default=0, help="INT8 with entropy "
+                   "calibration on N validation images (0: no INT8)")  # fmt: skip
+    p.add_argument("--data-dir", default="", help="the model's data set: parity and calibration")
+    p.add_argument("--use-in-ensemble", action="store_true", help="route NAME through NAME_trt")
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser(
+        "publish",
+        help="export a registered model as the next version of a Triton repository "
+        "(local or s3://) and load it on a running server",
+    )
+    p.add_argument("--model", default="", help="NAME@ALIAS or NAME/VERSION (default: the "
+                   "only registered model's @champion)")  # fmt: skip
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="DIR or s3://bucket/prefix")
+    p.add_argument("--url", default="", help="HOST:PORT (HTTP) of a server in "
+                   "--model-control-mode explicit: load the new version there")  # fmt: skip
+    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint URL "
+                   "(default: AWS, or $AWS_ENDPOINT_URL)")  # fmt: skip
+    p.add_argument("--tracking-uri", default="")
+    p.add_argument("--data-dir", default="", help="real images for the parity check")
+    add_repository_options(p)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("serve", help="run the Triton server in the foreground")
     _add_server_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", help="classify image files through a running Triton server")
-    p.add_argument("files", nargs="+", help="PNG, JPEG or .npy files")
+    p.add_argument("files", nargs="+", help="PNG, JPEG, DICOM or .npy files")
     p.add_argument(
         "--url", default="", help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)"
     )
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--model", default="", help="model name (default: the only model on the server)")
+    p.add_argument(
+        "--model", default="", help="ensemble name (default: the only ensemble on the server)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--client-preprocess",
+        action="store_true",
+        help="decode and preprocess here and send tensors (default: send the files' bytes "
+        "to the server-side preprocessing ensemble)",
+    )
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser(

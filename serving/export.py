@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving.repository import ONNX_FILE, ModelSet, RepositoryOptions, write_model_set
 from training.data import prepare_split
 from training.errors import ExportError
 from training.registry import LoadedModel
@@ -30,10 +31,18 @@ PARITY_ATOL = 1e-4
 @dataclass
 class ExportReport:
     onnx_path: Path
-    model_dir: Path
-    version: int
+    models: ModelSet
     max_abs_diff: float
     parity_batches: tuple[int, ...]
+    fp16_max_abs_diff: float | None = None  # the served float16 variant against fp32
+
+    @property
+    def model_dir(self) -> Path:  # the ensemble clients call
+        return self.models.ensemble
+
+    @property
+    def version(self) -> int:
+        return self.models.version
 
 
 def export_onnx(
@@ -92,7 +101,8 @@ def parity(
                 raise ExportError(
                     f"{onnx_path}: batch {n}: ONNX output shape {got.shape}, PyTorch {expected.shape}"
                 )
-            worst = max(worst, float(np.max(np.abs(got - expected))))
+            diff = float(np.max(np.abs(got - expected)))
+            worst = max(worst, diff if np.isfinite(diff) else float("inf"))  # NaN fails
     return worst
 
 
@@ -115,12 +125,14 @@ def export_model(
     repository: Path,
     *,
     data_dir: str,
-    max_batch_size: int = 32,
+    options: RepositoryOptions | None = None,
     version: int | None = None,
+    fp16: bool = False,
 ) -> ExportReport:
-    """Export, check parity, and write ``loaded`` into the Triton ``repository``."""
-    from serving.repository import write_classifier
-
+    """Export, check parity, and write ``loaded`` into the Triton ``repository`` as the
+    next version (or ``version``) of ``NAME_onnx`` + ``NAME_preprocess`` + ensemble ``NAME``."""
+    options = options or RepositoryOptions()
+    max_batch_size = options.max_batch_size
     spec = loaded.spec
     images = parity_images(spec, data_dir, max_batch_size)
     batches = tuple(sorted({1, min(7, len(images)), len(images)}))
@@ -135,21 +147,25 @@ def export_model(
                 f"{spec.model_name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
                 f"(max abs, allowed {PARITY_ATOL}) on {len(images)} real images"
             )
-        if version is None:
-            version = next_version(repository / spec.model_name)
-        model_dir = write_classifier(
-            repository, spec, onnx_path, version=version, max_batch_size=max_batch_size
-        )
+        fp16_diff = None
+        if fp16:
+            from serving.onnx_fp16 import FP16_PARITY_ATOL, convert_fp16, fp16_parity
+
+            half = convert_fp16(onnx_path, Path(tmp) / "model_fp16.onnx")
+            fp16_diff = fp16_parity(onnx_path, half, images)
+            log.info("fp16 parity %s: max abs diff %.3g", spec.model_name, fp16_diff)
+            if not fp16_diff <= FP16_PARITY_ATOL:
+                raise ExportError(
+                    f"{spec.model_name}: the float16 variant differs from float32 by "
+                    f"{fp16_diff:.3g} (max abs, allowed {FP16_PARITY_ATOL}) on {len(images)} "
+                    "real images; export without --fp16"
+                )
+            onnx_path = half
+        models = write_model_set(Path(repository), spec, onnx_path, options, version=version)
     return ExportReport(
-        onnx_path=model_dir / str(version) / "model.onnx",
-        model_dir=model_dir,
-        version=version,
+        onnx_path=models.classifier / str(models.version) / ONNX_FILE,
+        models=models,
         max_abs_diff=diff,
         parity_batches=batches,
+        fp16_max_abs_diff=fp16_diff,
     )
-
-
-def next_version(model_dir: Path) -> int:
-    """One past the highest numeric version directory (1 for a new model)."""
-    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1

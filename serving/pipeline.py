@@ -1,14 +1,15 @@
 """``medimg pipeline``: train -> register -> export -> serve -> evaluate through Triton.
 
-The whole test split goes through the running server over gRPC; the AUC/ACC
-measured there must agree with the in-process values to 1e-3, else the command
-fails::
+The whole test split goes through the running server's ensemble over gRPC, as PNG
+bytes the server decodes and preprocesses; the AUC/ACC measured there must agree with
+the in-process values to 1e-3, else the command fails::
 
     medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
 """
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +41,31 @@ class ServedEvaluation:
 def evaluate_served(
     server: TritonServer, outcome: TrainOutcome, cfg: TrainConfig
 ) -> ServedEvaluation:
-    """Send the whole test split through ``server`` over gRPC and score it."""
+    """Send the whole test split, PNG-encoded, through ``server`` over gRPC and score it."""
     spec = outcome.spec
     test = open_split(
         DataOptions.from_config(cfg), "test", image_size=spec.image_size, channels=spec.channels
     )
+    images = [png_bytes(image) for image in test.images]
     started = time.perf_counter()
     with TritonClassifier(server.grpc_url, "grpc", spec.model_name) as client:
-        probs = client.infer(test.model_input(spec.mean, spec.std))
+        probs = client.infer_bytes(images)
     seconds = time.perf_counter() - started
     scores = evaluate(spec.task, test.labels, probs)
     diff = float(np.max(np.abs(probs - outcome.test_probs)))
     return ServedEvaluation(scores["auc"], scores["acc"], diff, len(test), seconds)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 (C, H, W) image, as a split holds it, as PNG (lossless)."""
+    from PIL import Image
+
+    array = np.asarray(image).transpose(1, 2, 0)
+    if array.shape[2] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:

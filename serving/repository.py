@@ -1,12 +1,12 @@
-"""Write and read a Triton model repository for an ONNX classifier.
+"""Write and read medimg's Triton model repository.
 
-A model is a directory ``<repository>/<spec.model_name>/`` holding
-``config.pbtxt`` (built as a ``ModelConfig`` protobuf, never from a template),
-``labels.txt`` (for Triton's classification extension) and one version
-directory with ``model.onnx`` and the Python-backend ``model.py`` that runs it
-with ONNX Runtime. The config carries the :class:`~training.spec.ModelSpec` as
-the parameter ``medimg_spec``, so clients learn the preprocessing contract from
-the server::
+:func:`write_model_set` writes one classifier as three models (configs from
+:mod:`serving.model_configs`): ``NAME_onnx/<v>/`` (``model.onnx``, plus the Python-backend
+``model.py`` that runs it with ONNX Runtime on the CPU target), ``NAME_preprocess/<v>/``
+(``model.py`` decoding image bytes, ``warmup/`` sample) and the ensemble ``NAME/1/``.
+``labels.txt`` serves Triton's classification extension; every config carries the
+:class:`~training.spec.ModelSpec` as the parameter ``medimg_spec``, so clients learn the
+preprocessing contract from the server::
 
     python -c "from pathlib import Path; from serving.repository import read_config, spec_from_config; \
 print(spec_from_config(read_config(Path('model_repository/pneumoniamnist-densenet121'))))"
@@ -14,85 +14,73 @@ print(spec_from_config(read_config(Path('model_repository/pneumoniamnist-densene
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from serving.model_configs import (
+    LABELS_FILE,
+    ONNX_FILE,
+    SPEC_PARAMETER,
+    WARMUP_DIR,
+    WARMUP_IMAGE,
+    RepositoryOptions,
+    classifier_config,
+    classifier_name,
+    ensemble_config,
+    preprocess_config,
+    preprocess_name,
+)
 from training.errors import ConfigError
 from training.spec import ModelSpec
 
+__all__ = [
+    "CONFIG_FILE",
+    "LABELS_FILE",
+    "ONNX_FILE",
+    "SPEC_PARAMETER",
+    "ModelSet",
+    "RepositoryOptions",
+    "list_models",
+    "next_version",
+    "read_config",
+    "spec_from_config",
+    "write_config",
+    "write_model_set",
+    "write_version",
+]
+
 CONFIG_FILE = "config.pbtxt"
-LABELS_FILE = "labels.txt"
-ONNX_FILE = "model.onnx"
 BACKEND_FILE = "model.py"
-SPEC_PARAMETER = "medimg_spec"
+BACKEND_SOURCES = {"classifier": "model.py", "preprocess": "preprocess.py"}
 
 
-def backend_source() -> bytes:
-    """The Python-backend ``model.py`` shipped in ``serving/triton_backend``."""
-    return resources.files("serving.triton_backend").joinpath(BACKEND_FILE).read_bytes()
+def backend_source(kind: str = "classifier") -> bytes:
+    """A Python-backend ``model.py`` shipped in ``serving/triton_backend``."""
+    return resources.files("serving.triton_backend").joinpath(BACKEND_SOURCES[kind]).read_bytes()
 
 
-def build_config(
-    spec: ModelSpec,
-    *,
-    max_batch_size: int = 32,
-    preferred_batch_sizes: Sequence[int] = (8, 16, 32),
-    max_queue_delay_us: int = 5000,
-    instance_count: int = 1,
-    intra_op_threads: int = 0,
-) -> model_config_pb2.ModelConfig:
-    """The ``ModelConfig`` message for ``spec``; raises ConfigError on out-of-range options."""
-    if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if instance_count < 1:
-        raise ConfigError(f"instance_count must be >= 1, got {instance_count}")
-    if intra_op_threads < 0:
-        raise ConfigError(
-            f"intra_op_threads must be >= 0 (0 = ORT default), got {intra_op_threads}"
-        )
-    if max_queue_delay_us < 0:
-        raise ConfigError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
-    if any(size < 1 for size in preferred_batch_sizes):
-        raise ConfigError(f"preferred batch sizes must be >= 1, got {list(preferred_batch_sizes)}")
-    if spec.num_classes < 1 or spec.channels < 1 or spec.image_size < 1:
-        raise ConfigError(f"model spec needs classes, channels and a size, got {spec}")
+@dataclass(frozen=True)
+class ModelSet:
+    """What :func:`write_model_set` wrote: model directories and the new version."""
 
-    config = model_config_pb2.ModelConfig(
-        name=spec.model_name,
-        backend="python",
-        max_batch_size=max_batch_size,
-    )
-    config.input.add(
-        name=spec.input_name,
-        data_type=model_config_pb2.TYPE_FP32,
-        dims=[spec.channels, spec.image_size, spec.image_size],
-    )
-    config.output.add(
-        name=spec.output_name,
-        data_type=model_config_pb2.TYPE_FP32,
-        dims=[spec.num_classes],
-        label_filename=LABELS_FILE,
-    )
-    batching = config.dynamic_batching
-    batching.preferred_batch_size.extend(
-        sorted({s for s in preferred_batch_sizes if s <= max_batch_size})
-    )
-    batching.max_queue_delay_microseconds = max_queue_delay_us
-    config.instance_group.add(
-        kind=model_config_pb2.ModelInstanceGroup.KIND_CPU, count=instance_count
-    )
-    config.version_policy.latest.num_versions = 1
-    config.parameters["onnx_file"].string_value = ONNX_FILE
-    config.parameters["intra_op_threads"].string_value = str(intra_op_threads)
-    config.parameters[SPEC_PARAMETER].string_value = spec.to_json()
-    return config
+    ensemble: Path
+    classifier: Path
+    preprocess: Path
+    version: int
+
+    @property
+    def names(self) -> list[str]:
+        return [self.preprocess.name, self.classifier.name, self.ensemble.name]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -107,46 +95,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_classifier(
-    repository: Path,
-    spec: ModelSpec,
-    onnx_path: Path,
-    *,
-    version: int = 1,
-    max_batch_size: int = 32,
-    preferred_batch_sizes: Sequence[int] = (8, 16, 32),
-    max_queue_delay_us: int = 5000,
-    instance_count: int = 1,
-    intra_op_threads: int = 0,
-) -> Path:
-    """Write (or replace) one version of ``spec.model_name`` in ``repository``; returns the model dir."""
-    config = build_config(
-        spec,
-        max_batch_size=max_batch_size,
-        preferred_batch_sizes=preferred_batch_sizes,
-        max_queue_delay_us=max_queue_delay_us,
-        instance_count=instance_count,
-        intra_op_threads=intra_op_threads,
-    )
+def write_config(model_dir: Path, config: model_config_pb2.ModelConfig) -> Path:
+    """``config.pbtxt`` from the message, atomically: a server polling the repository
+    never reads half a file."""
+    path = Path(model_dir) / CONFIG_FILE
+    _write_atomic(path, text_format.MessageToString(config).encode())
+    return path
+
+
+def write_version(model_dir: Path, version: int, files: dict[str, bytes | Path]) -> Path:
+    """Version directory ``model_dir/<version>`` holding ``files`` (name -> bytes or a file
+    to copy), staged beside it and renamed into place; an existing one is replaced whole."""
     if version < 1:
         raise ConfigError(f"model version must be >= 1, got {version}")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise ConfigError(f"ONNX file {onnx_path} does not exist")
-    name = spec.model_name
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"model name {name!r} is not a valid directory name")
-    bad = [c for c in spec.class_names if not c or "\n" in c or "\r" in c]
-    if bad:
-        raise ConfigError(f"class names must be non-empty single lines, got {bad!r}")
-
-    model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version_dir = model_dir / str(version)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.new-"))
     try:
-        shutil.copyfile(onnx_path, staging / ONNX_FILE)
-        (staging / BACKEND_FILE).write_bytes(backend_source())
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                shutil.copyfile(content, staging / name)
         staging.chmod(0o755)
         if version_dir.exists():
             old = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.old-"))
@@ -163,11 +133,81 @@ def write_classifier(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return version_dir
 
-    _write_atomic(model_dir / LABELS_FILE, "".join(f"{c}\n" for c in spec.class_names).encode())
-    # The config goes last: list_models() and Triton see the model only once it is whole.
-    _write_atomic(model_dir / CONFIG_FILE, text_format.MessageToString(config).encode())
-    return model_dir
+
+def next_version(model_dir: Path) -> int:
+    """One past the highest numeric version directory (1 for a new model)."""
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def warmup_image(spec: ModelSpec) -> bytes:
+    """A PNG of the model's size and channels (a smooth gradient), in Triton's TYPE_STRING
+    warmup layout: a little-endian uint32 length, then the bytes."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, spec.image_size, dtype=np.float32)
+    gray = ((ramp[None, :] + ramp[:, None]) / 2).astype(np.uint8)
+    array = gray if spec.channels == 1 else np.repeat(gray[..., None], spec.channels, axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return struct.pack("<I", len(data)) + data
+
+
+def _labels(spec: ModelSpec) -> bytes:
+    bad = [c for c in spec.class_names if not c or "\n" in c or "\r" in c]
+    if bad:
+        raise ConfigError(f"class names must be non-empty single lines, got {bad!r}")
+    return "".join(f"{c}\n" for c in spec.class_names).encode()
+
+
+def write_model_set(
+    repository: Path,
+    spec: ModelSpec,
+    onnx_path: Path,
+    opts: RepositoryOptions | None = None,
+    *,
+    version: int | None = None,
+) -> ModelSet:
+    """Write version ``version`` (default: the next) of ``NAME_onnx`` and
+    ``NAME_preprocess``, and the ensemble ``NAME`` over them, into ``repository``.
+
+    Composing models first, the ensemble last, and every ``config.pbtxt`` after its
+    files: a server that polls or is told to load sees each model only once it is whole,
+    and the version it serves now stays on disk untouched."""
+    opts = opts or RepositoryOptions()
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX file {onnx_path} does not exist")
+    labels = _labels(spec)
+    cls_config = classifier_config(spec, opts)
+    pre_config = preprocess_config(spec, opts)
+    ens_config = ensemble_config(spec, opts)
+    repository = Path(repository)
+    cls_dir = repository / classifier_name(spec)
+    pre_dir = repository / preprocess_name(spec)
+    ens_dir = repository / spec.model_name
+    if version is None:
+        version = max(next_version(cls_dir), next_version(pre_dir))
+
+    files: dict[str, bytes | Path] = {ONNX_FILE: onnx_path}
+    if opts.target == "cpu":
+        files[BACKEND_FILE] = backend_source("classifier")
+    write_version(cls_dir, version, files)
+    _write_atomic(cls_dir / LABELS_FILE, labels)
+    write_config(cls_dir, cls_config)
+
+    write_version(pre_dir, version, {BACKEND_FILE: backend_source("preprocess")})
+    (pre_dir / WARMUP_DIR).mkdir(exist_ok=True)
+    _write_atomic(pre_dir / WARMUP_DIR / WARMUP_IMAGE, warmup_image(spec))
+    write_config(pre_dir, pre_config)
+
+    (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is its config
+    _write_atomic(ens_dir / LABELS_FILE, labels)
+    write_config(ens_dir, ens_config)
+    return ModelSet(ensemble=ens_dir, classifier=cls_dir, preprocess=pre_dir, version=version)
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:

@@ -212,6 +212,7 @@ def exported(trained, tmp_path_factory: pytest.TempPathFactory, medimg_cmd):
     import subprocess
 
     from serving.export import ExportReport
+    from serving.repository import ModelSet
     from training.registry import load_model
 
     cfg, outcome = trained
@@ -224,11 +225,16 @@ def exported(trained, tmp_path_factory: pytest.TempPathFactory, medimg_cmd):
     batches = tuple(
         int(b) for b in result.stdout.split("at batch sizes [")[1].split("]")[0].split(",")
     )
-    model_dir = repository / outcome.model_name
-    report = ExportReport(
-        onnx_path=model_dir / "1" / "model.onnx",
-        model_dir=model_dir,
+    name = outcome.model_name
+    models = ModelSet(
+        ensemble=repository / name,
+        classifier=repository / f"{name}_onnx",
+        preprocess=repository / f"{name}_preprocess",
         version=1,
+    )
+    report = ExportReport(
+        onnx_path=models.classifier / "1" / "model.onnx",
+        models=models,
         max_abs_diff=diff,
         parity_batches=batches,
     )

@@ -93,8 +93,14 @@ def test_served_probabilities_equal_onnxruntime(served, exported, data_dir, prot
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_classify_files_and_bad_files(served, images, medimg_cmd, protocol) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "preprocess"), [("http", []), ("grpc", []), ("grpc", ["--client-preprocess"])]
+)
+def test_classify_files_and_bad_files(
+    served, images, exported, medimg_cmd, protocol, preprocess
+) -> None:
+    """Raw bytes to the ensemble (default) or tensors preprocessed here: the same answers,
+    and a bad or missing file costs only its own line."""
     good = [images[k] for k in ("png", "jpg", "npy", "xray") if k in images]
     args = [
         *medimg_cmd,
@@ -108,6 +114,7 @@ def test_classify_files_and_bad_files(served, images, medimg_cmd, protocol) -> N
         "--protocol",
         protocol,
         "--json",
+        *preprocess,
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
@@ -119,6 +126,15 @@ def test_classify_files_and_bad_files(served, images, medimg_cmd, protocol) -> N
         assert set(line["probabilities"]) == {"normal", "pneumonia"}
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert line["probabilities"][line["label"]] >= 0.5
+    from training.images import read_image
+
+    loaded, _, report = exported
+    session = ort.InferenceSession(str(report.onnx_path))
+    for path, line in zip(good, lines, strict=True):
+        x = loaded.spec.preprocess(read_image(path)[None])
+        expected = session.run(None, {"input": x})[0][0]
+        got = [line["probabilities"][name] for name in loaded.spec.class_names]
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=str(path))
 
 
 def test_classify_text_output_matches_in_process(served, images, exported, medimg_cmd) -> None:

@@ -53,17 +53,22 @@ def test_parity_catches_a_different_model(exported, data_dir) -> None:
         other.load_state_dict(state)
 
 
-def test_config_parses_back(exported) -> None:
+def test_configs_parse_back(exported) -> None:
     loaded, repository, report = exported
-    config = read_config(report.model_dir / "config.pbtxt")
+    config = read_config(report.models.classifier / "config.pbtxt")
     assert isinstance(config, model_config_pb2.ModelConfig)
-    assert config.name == "pneumoniamnist-densenet121" and config.backend == "python"
+    assert config.name == "pneumoniamnist-densenet121_onnx" and config.backend == "python"
     assert config.max_batch_size >= 32 and config.HasField("dynamic_batching")
     assert list(config.input[0].dims) == [1, loaded.spec.image_size, loaded.spec.image_size]
     assert list(config.output[0].dims) == [2] and config.output[0].label_filename == "labels.txt"
     assert spec_from_config(config) == loaded.spec
+    assert (report.models.classifier / str(report.version) / "model.py").exists()
+    ensemble = read_config(report.model_dir)
+    assert (ensemble.name, ensemble.platform) == ("pneumoniamnist-densenet121", "ensemble")
+    assert spec_from_config(ensemble) == loaded.spec
     assert (report.model_dir / "labels.txt").read_text().split() == ["normal", "pneumonia"]
-    assert (report.model_dir / str(report.version) / "model.py").exists()
+    preprocess = read_config(report.models.preprocess)
+    assert list(preprocess.output[0].dims) == list(config.input[0].dims)
     assert report.version == 1 and Path(repository).is_dir()
 
 

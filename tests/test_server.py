@@ -1,7 +1,7 @@
 """serving.server: the real tritonserver from the nvidia-pytriton wheel, serving the tiny classifier.
 
-One shared server for the whole module: readiness, HTTP/gRPC inference, batching,
-bad requests. Servers started, stopped and killed one per test are in
+One shared server for the whole module: readiness, HTTP/gRPC tensor inference on the
+classifier ``MODEL_onnx``, batching, bad requests. Servers started, stopped and killed one per test are in
 tests/test_server_lifecycle.py::
 
     python -m pytest tests/test_server.py -q
@@ -27,6 +27,7 @@ from serving.server import TritonServer, port_in_use
 from training.errors import ServingError
 
 pytestmark = pytest.mark.timeout(300)
+CLASSIFIER = f"{MODEL}_onnx"  # tensors in; the ensemble MODEL (bytes in) is in test_ensemble.py
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -69,14 +70,14 @@ def _http_infer(client, x, datatype="FP32", class_count=0):
     inp = httpclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     out = httpclient.InferRequestedOutput("probabilities", class_count=class_count)
-    return client.infer(MODEL, [inp], outputs=[out]).as_numpy("probabilities")
+    return client.infer(CLASSIFIER, [inp], outputs=[out]).as_numpy("probabilities")
 
 
 def _grpc_infer(client, x, datatype="FP32"):
     inp = grpcclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     out = grpcclient.InferRequestedOutput("probabilities")
-    return client.infer(MODEL, [inp], outputs=[out]).as_numpy("probabilities")
+    return client.infer(CLASSIFIER, [inp], outputs=[out]).as_numpy("probabilities")
 
 
 # -- one shared server ------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def test_ready_and_endpoints(server, http):
     assert server.http_url == f"http://127.0.0.1:{server.http_port}"
     assert server.grpc_url == f"127.0.0.1:{server.grpc_port}"
     assert http.is_server_ready()
-    assert http.is_model_ready(MODEL)
+    assert all(http.is_model_ready(m) for m in (MODEL, CLASSIFIER, f"{MODEL}_preprocess"))
     with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
         assert b"nv_inference_count" in response.read()
     for port in (server.http_port, server.grpc_port, server.metrics_port):
@@ -146,7 +147,7 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(http, grpc, reference
 def test_dynamic_batching_merges_concurrent_requests(server, reference):
     client = grpcclient.InferenceServerClient(url=server.grpc_url)
     try:
-        before = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        before = client.get_inference_statistics(CLASSIFIER, as_json=True)["model_stats"][0]
         inputs = [_images(1, seed=100 + i) for i in range(16)]
         results: list = [None] * 16
         done = threading.Semaphore(0)
@@ -158,10 +159,12 @@ def test_dynamic_batching_merges_concurrent_requests(server, reference):
         for i, x in enumerate(inputs):
             inp = grpcclient.InferInput("input", list(x.shape), "FP32")
             inp.set_data_from_numpy(x)
-            client.async_infer(MODEL, [inp], lambda result, error, i=i: callback(i, result, error))
+            client.async_infer(
+                CLASSIFIER, [inp], lambda result, error, i=i: callback(i, result, error)
+            )
         for _ in inputs:
             assert done.acquire(timeout=60)
-        after = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        after = client.get_inference_statistics(CLASSIFIER, as_json=True)["model_stats"][0]
     finally:
         client.close()
     for x, got in zip(inputs, results, strict=True):
@@ -180,8 +183,10 @@ def test_backend_stub_runs_this_python_and_its_packages(server):
         if os.readlink(f"/proc/{pid}/exe").endswith("triton_python_backend_stub")
     ]
     assert stubs, "no Python-backend stub process under tritonserver"
-    maps = Path(f"/proc/{stubs[0]}/maps").read_text()
-    libs = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    libs = set()  # every stub: the classifier's loads onnxruntime, the preprocess one PIL
+    for pid in stubs:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        libs |= {line.split()[-1] for line in maps.splitlines() if "/" in line}
     libpython = [lib for lib in libs if "/libpython3" in lib]
     libdir = os.path.realpath(sysconfig.get_config_var("LIBDIR"))
     assert libpython and all(os.path.realpath(lib).startswith(libdir) for lib in libpython), (

@@ -65,7 +65,7 @@ def test_model_that_fails_to_load_raises_with_log_tail(
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_classifier_repository, repo)
-    (repo / MODEL / "1" / "model.onnx").write_bytes(b"this is not an ONNX file")
+    (repo / f"{MODEL}_onnx" / "1" / "model.onnx").write_bytes(b"this is not an ONNX file")
     server = TritonServer(repo, log_file=tmp_path / "server.log", **_ports())
     server.start()
     with pytest.raises(ServingError) as error:
@@ -166,8 +166,9 @@ def _stripped_env(cache: Path) -> dict[str, str]:
 def test_server_works_without_an_activated_venv(triton_cache_dir, tiny_classifier_repository):
     script = textwrap.dedent(
         """
-        import json, sys
+        import io, json, sys
         import numpy as np
+        from PIL import Image
         import tritonclient.http as httpclient
         from pathlib import Path
         from serving.server import TritonServer, find_free_port, port_in_use
@@ -177,7 +178,14 @@ def test_server_works_without_an_activated_venv(triton_cache_dir, tiny_classifie
             client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
             inp = httpclient.InferInput("input", [2, 1, 32, 32], "FP32")
             inp.set_data_from_numpy(np.ones((2, 1, 32, 32), np.float32))
-            out = client.infer("pneumoniamnist-densenet121", [inp]).as_numpy("probabilities")
+            out = client.infer("pneumoniamnist-densenet121_onnx", [inp]).as_numpy("probabilities")
+            # the ensemble's preprocess step imports medimg's own code inside the stub
+            png = Image.new("L", (32, 32), 255)
+            buffer = io.BytesIO(); png.save(buffer, "PNG")
+            image = httpclient.InferInput("image", [1, 1], "BYTES")
+            image.set_data_from_numpy(np.array([[buffer.getvalue()]], dtype=np.object_))
+            served = client.infer("pneumoniamnist-densenet121", [image]).as_numpy("probabilities")
+            assert np.allclose(served, out[:1], atol=1e-5), (served, out)
             client.close()
             code = server.stop()
         print(json.dumps({"out": out.tolist(), "code": code,

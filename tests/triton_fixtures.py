@@ -9,6 +9,7 @@ Imported by ``tests/conftest.py``; run the tests that use them with::
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from training.spec import ModelSpec
 
 __all__ = [
     "MODEL",
+    "FakeTritonError",
     "_children",
     "_ports",
     "_processes",
+    "export_tiny_onnx",
+    "fake_pb_utils",
     "tiny_classifier_onnx",
     "tiny_classifier_repository",
     "tiny_classifier_spec",
@@ -69,12 +73,12 @@ def tiny_classifier_spec() -> ModelSpec:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_classifier_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Conv → pool → linear → softmax, input (N, 1, 32, 32), output (N, 2); dynamic batch."""
+def export_tiny_onnx(path: Path, seed: int = 0) -> Path:
+    """Conv → pool → linear → softmax, input (N, 1, 32, 32), output (N, 2); dynamic batch.
+    Another ``seed`` gives other weights (a "new version" of the model)."""
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3),
         torch.nn.AdaptiveAvgPool2d(1),
@@ -82,7 +86,6 @@ def tiny_classifier_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.nn.Linear(4, 2),
         torch.nn.Softmax(dim=1),
     ).eval()
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
@@ -99,14 +102,20 @@ def tiny_classifier_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_classifier_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier_repository(
     tmp_path_factory: pytest.TempPathFactory, tiny_classifier_spec, tiny_classifier_onnx
 ) -> Path:
-    """A model repository holding the tiny classifier as ``pneumoniamnist-densenet121`` v1."""
-    from serving.repository import write_classifier
+    """A model repository holding the tiny classifier as ``pneumoniamnist-densenet121`` v1:
+    the ensemble, its ``_preprocess`` and its ``_onnx`` classifier."""
+    from serving.repository import write_model_set
 
     repository = tmp_path_factory.mktemp("model_repository")
-    write_classifier(repository, tiny_classifier_spec, tiny_classifier_onnx)
+    write_model_set(repository, tiny_classifier_spec, tiny_classifier_onnx)
     return repository
 
 
@@ -121,3 +130,36 @@ def triton_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("MEDIMG_CACHE_DIR", None)
     else:
         os.environ["MEDIMG_CACHE_DIR"] = old
+
+
+class FakeTritonError(Exception):
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=INTERNAL):
+        super().__init__(message)
+        self.code = code
+
+
+def fake_pb_utils() -> types.ModuleType:
+    """The parts of ``triton_python_backend_utils`` our backend model.py files use, to run
+    them in process; the real server runs them in tests/test_server.py."""
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.output_tensors, self.error = list(output_tensors), error
+
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+    pb.Tensor, pb.InferenceResponse, pb.TritonError = Tensor, InferenceResponse, FakeTritonError
+    pb.TritonModelException = RuntimeError
+    pb.get_input_tensor_by_name = get_input_tensor_by_name
+    return pb

@@ -1,0 +1,79 @@
+"""export_model's options on a tiny real network (fast): the fp16 variant, the gpu target's
+build step, and `medimg build-engine` refusing clearly where there is no TensorRT/GPU::
+
+    python -m pytest tests/test_export_options.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from serving.engine_repository import build_step_script, options_from, policy_text
+from serving.export import export_model
+from serving.model_configs import RepositoryOptions, classifier_config
+from serving.onnx_fp16 import FP16_PARITY_ATOL
+from serving.repository import read_config
+from training.registry import LoadedModel
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_classifier_spec) -> LoadedModel:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+        torch.nn.Softmax(dim=1),
+    ).eval()
+    return LoadedModel(module=module, spec=tiny_classifier_spec, uri="test:tiny")
+
+
+def test_fp16_variant_is_served_and_checked(tiny_loaded, data_dir, tmp_path) -> None:
+    report = export_model(
+        tiny_loaded, tmp_path, data_dir=str(data_dir), options=RepositoryOptions(), fp16=True
+    )
+    assert report.max_abs_diff <= 1e-4
+    assert report.fp16_max_abs_diff is not None
+    assert 0 < report.fp16_max_abs_diff <= FP16_PARITY_ATOL
+    served = onnx.load(str(report.onnx_path))
+    types = {init.data_type for init in served.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types, types
+    io = [v.type.tensor_type.elem_type for v in [*served.graph.input, *served.graph.output]]
+    assert io == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]  # the config is unchanged
+    assert read_config(report.models.classifier).input[0].data_type == 11  # TYPE_FP32
+
+
+def test_gpu_build_step_and_engine_options(tiny_classifier_spec, tmp_path) -> None:
+    opts = RepositoryOptions(
+        target="gpu", max_batch_size=16, preferred_batch_sizes=(4, 8), version_policy="all"
+    )
+    config = classifier_config(tiny_classifier_spec, opts)
+    assert policy_text(config) == "all"
+    again = options_from(config, precision="FP16")
+    assert (again.max_batch_size, again.preferred_batch_sizes) == (16, (4, 8))
+    assert again.version_policy == "all" and again.target == "gpu"
+    (tmp_path / "m_onnx").mkdir()
+    script = build_step_script(tmp_path, "m", 3)
+    text = script.read_text()
+    assert "medimg build-engine" in text and "--model m --version 3" in text
+    assert script.stat().st_mode & 0o111
+
+
+def test_build_engine_says_what_is_missing(medimg_cmd, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*medimg_cmd, "build-engine", "--repository", str(tmp_path), "--model", "m"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "TensorRT" in result.stderr or "GPU" in result.stderr, result.stderr
+    assert not (tmp_path / "m_trt").exists()  # nothing written
