@@ -94,7 +94,8 @@ class TritonClassifier:
         self.config = self._model_config(self.model)
         self.spec = self._spec_from_config()
         self.max_batch_size = max(1, int(self.config.get("max_batch_size", 1)))
-        self.client_preprocess = client_preprocess
+        # a model that is not an ensemble takes tensors: preprocess here whatever was asked
+        self.client_preprocess = client_preprocess or self.config.get("platform") != "ensemble"
         # tensors go to the classifier behind the ensemble (or to the model itself)
         self.tensor_model = self._param("medimg_classifier") or self.model
 

@@ -239,6 +239,7 @@ def ensemble_config(
     Ensembles have no dynamic batching or warmup of their own: their steps do."""
     _check_spec(spec)
     config = _base(spec.model_name, spec, opts)
+    config.version_policy.CopyFrom(parse_version_policy("latest:1"))  # its one version, 1/
     config.platform = "ensemble"
     config.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
     config.output.add(

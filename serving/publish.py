@@ -70,6 +70,8 @@ def publish(
     """Export ``model_ref`` as the next version into ``repository`` (a directory or
     ``s3://...``) and, with ``url``, load it on that server."""
     options = options or RepositoryOptions()
+    if url:  # before the export, which takes a while: is there a server to load into?
+        check_server(url)
     uri, what = resolve_model_uri(tracking_uri, model=model_ref or default_model_ref(tracking_uri))
     loaded = load_model(tracking_uri, uri)
     spec = loaded.spec
@@ -92,6 +94,26 @@ def publish(
     if url:
         published.serving = load_on_server(url, names, version)
     return published
+
+
+def check_server(url: str, timeout_s: float = 10) -> None:
+    """Raise :class:`ServingError` unless a Triton server answers at ``url`` (HTTP)."""
+    import tritonclient.http as httpclient
+
+    try:
+        client = httpclient.InferenceServerClient(
+            url.removeprefix("http://"), connection_timeout=timeout_s, network_timeout=timeout_s
+        )
+        try:
+            live = client.is_server_live()
+        finally:
+            client.close()
+    except Exception as exc:
+        raise ServingError(
+            f"cannot reach Triton at {url} (HTTP): {exc}; nothing was published"
+        ) from exc
+    if not live:
+        raise ServingError(f"Triton at {url} is not live; nothing was published")
 
 
 def load_on_server(url: str, names: list[str], version: int, timeout_s: float = 300) -> list[int]:

@@ -79,6 +79,12 @@ def images(tmp_path_factory, data_dir) -> dict[str, Path]:
     }
     if (SAMPLES / "00000001_000.png").exists():
         files["xray"] = SAMPLES / "00000001_000.png"
+    if (SAMPLES / "chest_xray.dcm").exists():
+        files["dicom"] = SAMPLES / "chest_xray.dcm"
+    else:  # pydicom's own 16-bit test file
+        import pydicom.data
+
+        files["dicom"] = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
     return files
 
 
@@ -101,7 +107,7 @@ def test_classify_files_and_bad_files(
 ) -> None:
     """Raw bytes to the ensemble (default) or tensors preprocessed here: the same answers,
     and a bad or missing file costs only its own line."""
-    good = [images[k] for k in ("png", "jpg", "npy", "xray") if k in images]
+    good = [images[k] for k in ("png", "jpg", "npy", "xray", "dicom") if k in images]
     args = [
         *medimg_cmd,
         "classify",
@@ -126,13 +132,15 @@ def test_classify_files_and_bad_files(
         assert set(line["probabilities"]) == {"normal", "pneumonia"}
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert line["probabilities"][line["label"]] >= 0.5
+    import torch
+
     from training.images import read_image
 
-    loaded, _, report = exported
-    session = ort.InferenceSession(str(report.onnx_path))
-    for path, line in zip(good, lines, strict=True):
+    loaded, _, _ = exported
+    for path, line in zip(good, lines, strict=True):  # against in-process PyTorch
         x = loaded.spec.preprocess(read_image(path)[None])
-        expected = session.run(None, {"input": x})[0][0]
+        with torch.no_grad():
+            expected = loaded.module(torch.from_numpy(x)).numpy()[0]
         got = [line["probabilities"][name] for name in loaded.spec.class_names]
         np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=str(path))
 

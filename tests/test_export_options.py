@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
+from triton_fixtures import tiny_module
 
 from serving.engine_repository import build_step_script, options_from, policy_text
 from serving.export import export_model
@@ -25,15 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_classifier_spec) -> LoadedModel:
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4, 2),
-        torch.nn.Softmax(dim=1),
-    ).eval()
-    return LoadedModel(module=module, spec=tiny_classifier_spec, uri="test:tiny")
+    return LoadedModel(module=tiny_module(0), spec=tiny_classifier_spec, uri="test:tiny")
 
 
 def test_fp16_variant_is_served_and_checked(tiny_loaded, data_dir, tmp_path) -> None:

@@ -38,6 +38,7 @@ def test_export_bad_model_names_it(trained, medimg_cmd, cli_env, tmp_path: Path)
     assert not (tmp_path / "repo").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # ~3 min: a whole pipeline; README quickstart 1 runs the same command
 def test_pipeline_keep_serving(medimg_cmd, cli_env, tmp_path: Path, free_port, data_dir) -> None:
     ports = [free_port(), free_port(), free_port()]
     log = tmp_path / "pipeline.log"

@@ -35,6 +35,7 @@ def _only_run(uri: str):
     return client, run
 
 
+@pytest.mark.slow
 def test_training_spans_two_nodes_and_survives_a_killed_worker(
     ray_cluster, medimg_cmd, cli_env, data_dir, tmp_path
 ) -> None:

@@ -157,6 +157,7 @@ def test_ensemble_wires_preprocess_into_the_classifier(tiny_classifier_repositor
         available |= set(step.output_map.values())
     assert out.name in available
     assert config.parameters["medimg_classifier"].string_value == CLASSIFIER
+    assert config.version_policy.latest.num_versions == 1  # whatever the models' policy
 
 
 def test_files_in_the_model_dirs(tiny_classifier_repository, tiny_classifier_onnx):

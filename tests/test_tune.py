@@ -95,6 +95,7 @@ def test_unknown_space_key_fails_parent_run(medimg_cmd, cli_env, tmp_path: Path)
     assert "learning_rate_decay" in parent.data.tags["error"]
 
 
+@pytest.mark.slow
 def test_tune_interrupted_resumed_and_registered(
     medimg_cmd, cli_env, data_dir, tmp_path: Path
 ) -> None:
@@ -169,7 +170,7 @@ def test_tune_interrupted_resumed_and_registered(
     assert resumed.stdout.count(" done") == 2, resumed.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_asha_stops_below_the_rung_cutoff(data_dir, tmp_path: Path) -> None:
     """Four sequential trials, ASHA (reduction 2): a trial stops after epoch 1 exactly when
     its val AUC is below the median of the earlier trials' epoch-1 AUCs."""

@@ -28,6 +28,7 @@ __all__ = [
     "tiny_classifier_onnx",
     "tiny_classifier_repository",
     "tiny_classifier_spec",
+    "tiny_module",
     "triton_cache_dir",
 ]
 
@@ -73,19 +74,26 @@ def tiny_classifier_spec() -> ModelSpec:
     )
 
 
-def export_tiny_onnx(path: Path, seed: int = 0) -> Path:
-    """Conv → pool → linear → softmax, input (N, 1, 32, 32), output (N, 2); dynamic batch.
-    Another ``seed`` gives other weights (a "new version" of the model)."""
+def tiny_module(seed: int = 0):
+    """The tiny classifier as a PyTorch module (returns probabilities)."""
     import torch
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3),
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
         torch.nn.Linear(4, 2),
         torch.nn.Softmax(dim=1),
     ).eval()
+
+
+def export_tiny_onnx(path: Path, seed: int = 0) -> Path:
+    """Conv → pool → linear → softmax, input (N, 1, 32, 32), output (N, 2); dynamic batch.
+    Another ``seed`` gives other weights (a "new version" of the model)."""
+    import torch
+
+    model = tiny_module(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
