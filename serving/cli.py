@@ -161,13 +161,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training.config import default_data_dir, default_tracking_uri
     from training.registry import load_model, resolve_model_uri
 
+    options = repository_options(args)  # bad options fail before any MLflow or ONNX work
     tracking_uri = args.tracking_uri or default_tracking_uri()
     uri, what = resolve_model_uri(tracking_uri, model=args.model or "", run_id=args.run_id or "")
     report = export_model(
         load_model(tracking_uri, uri),
         Path(args.repository),
         data_dir=args.data_dir or default_data_dir(),
-        options=repository_options(args),
+        options=options,
         version=args.version,
         fp16=args.fp16,
     )
@@ -210,12 +211,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from serving.publish import publish
     from training.config import default_data_dir, default_tracking_uri
 
+    options = repository_options(args)
     published = publish(
         args.model,
         args.repository,
         tracking_uri=args.tracking_uri or default_tracking_uri(),
         data_dir=args.data_dir or default_data_dir(),
-        options=repository_options(args),
+        options=options,
         url=args.url,
         s3_endpoint=args.s3_endpoint or None,
     )
@@ -252,13 +254,17 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preprocess-instances", type=int, default=1)
     g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime (0: default)")
     g.add_argument("--version-policy", default="latest:1", help="latest:N | all | specific:V,..")
-    g.add_argument("--trt-precision", choices=("FP16", "FP32"), default="FP16")
+    g.add_argument("--trt-precision", choices=("FP16", "FP32"), default=None,
+                   help="--target gpu: the TensorRT accelerator's precision (default FP16)")  # fmt: skip
     g.add_argument("--no-warmup", action="store_true", help="no model_warmup in the configs")
 
 
 def repository_options(args: argparse.Namespace):
     from serving.model_configs import RepositoryOptions
+    from training.errors import ConfigError
 
+    if args.trt_precision and args.target != "gpu":
+        raise ConfigError("--trt-precision applies to --target gpu only (TensorRT on the GPU)")
     return RepositoryOptions(
         target=args.target,
         max_batch_size=args.max_batch_size,
@@ -268,7 +274,7 @@ def repository_options(args: argparse.Namespace):
         preprocess_instance_count=args.preprocess_instances,
         intra_op_threads=args.intra_op_threads,
         version_policy=args.version_policy,
-        trt_precision=args.trt_precision,
+        trt_precision=args.trt_precision or "FP16",
         warmup=not args.no_warmup,
     )
 

@@ -189,6 +189,8 @@ def classifier_config(
         trt.parameters["precision_mode"] = opts.trt_precision
         trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
         trt.parameters["trt_engine_cache_enable"] = "true"
+        if opts.intra_op_threads:  # Triton's onnxruntime backend takes it as a model parameter
+            config.parameters["intra_op_thread_count"].string_value = str(opts.intra_op_threads)
     if opts.warmup:
         _zero_warmup(config, spec)
     return config

@@ -6,6 +6,7 @@ build step, and `medimg build-engine` refusing clearly where there is no TensorR
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,28 @@ def test_build_engine_says_what_is_missing(medimg_cmd, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "TensorRT" in result.stderr or "GPU" in result.stderr, result.stderr
     assert not (tmp_path / "m_trt").exists()  # nothing written
+
+
+def test_bad_export_options_fail_before_any_work(medimg_cmd, tmp_path: Path) -> None:
+    cases = [
+        (["--trt-precision", "FP32"], "--target gpu"),  # would be ignored on cpu: refused
+        (["--version-policy", "newest"], "version_policy"),
+        (["--max-batch-size", "0"], "max_batch_size"),
+        (["--preferred-batch-sizes", "8,x"], "comma-separated integers"),
+    ]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    procs = [
+        subprocess.Popen(
+            [*medimg_cmd, "export", "--model", "m", "--repository", str(tmp_path), *args],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args, _ in cases
+    ]
+    for proc, (args, named) in zip(procs, cases, strict=True):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0, args
+        assert named in stderr, (args, stderr[-1000:])
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched

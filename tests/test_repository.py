@@ -86,7 +86,9 @@ def test_classifier_config_parses_back_to_the_intended_values(
 
 
 def test_gpu_target_configs(tiny_classifier_spec):
-    opts = RepositoryOptions(target="gpu", instance_count=2, trt_precision="FP16")
+    opts = RepositoryOptions(
+        target="gpu", instance_count=2, trt_precision="FP16", intra_op_threads=2
+    )
     config = read_back(classifier_config(tiny_classifier_spec, opts))
     assert (config.platform, config.backend) == ("onnxruntime_onnx", "")
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND_GPU, 2)]
@@ -94,6 +96,7 @@ def test_gpu_target_configs(tiny_classifier_spec):
     assert accelerator.name == "tensorrt"
     assert accelerator.parameters["precision_mode"] == "FP16"
     assert "onnx_file" not in config.parameters  # the Python-backend parameters are cpu only
+    assert config.parameters["intra_op_thread_count"].string_value == "2"  # onnxruntime backend
     assert config.model_warmup[0].inputs["input"].zero_data  # the engine builds at warmup
     engine = read_back(engine_config(tiny_classifier_spec, opts))
     assert (engine.name, engine.platform) == (f"{MODEL}_trt", "tensorrt_plan")
