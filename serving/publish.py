@@ -26,7 +26,7 @@ from pathlib import Path
 from serving.export import ExportReport, export_model
 from serving.model_configs import RepositoryOptions, classifier_name, preprocess_name
 from serving.repository import next_version
-from training.errors import RegistryError, ServingError
+from training.errors import ConfigError, RegistryError, ServingError
 from training.registry import load_model, resolve_model_uri
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ def publish(
     """Export ``model_ref`` as the next version into ``repository`` (a directory or
     ``s3://...``) and, with ``url``, load it on that server."""
     options = options or RepositoryOptions()
+    if s3_endpoint and not repository.startswith("s3://"):
+        raise ConfigError(
+            f"--s3-endpoint {s3_endpoint} needs an s3://bucket/prefix repository, "
+            f"got {repository!r}"
+        )
     if url:  # before the export, which takes a while: is there a server to load into?
         check_server(url)
     uri, what = resolve_model_uri(tracking_uri, model=model_ref or default_model_ref(tracking_uri))

@@ -79,10 +79,19 @@ def test_bad_export_options_fail_before_any_work(medimg_cmd, tmp_path: Path) -> 
         (["--max-batch-size", "0"], "max_batch_size"),
         (["--preferred-batch-sizes", "8,x"], "comma-separated integers"),
     ]
+    cases.append((["--s3-endpoint", "http://127.0.0.1:9"], "s3://bucket/prefix"))  # publish
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     procs = [
         subprocess.Popen(
-            [*medimg_cmd, "export", "--model", "m", "--repository", str(tmp_path), *args],
+            [
+                *medimg_cmd,
+                "publish" if "--s3-endpoint" in args else "export",
+                "--model",
+                "m",
+                "--repository",
+                str(tmp_path),
+                *args,
+            ],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
