@@ -86,8 +86,18 @@ class _MlflowEpochs:
         return {m.step for m in self.client.get_metric_history(self.run_id, "val_auc")}
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Log ``epoch`` unless the run has it: a stop between MLflow's log and Ray keeping
+        that epoch's checkpoint makes the resumed run train the epoch again."""
         from mlflow.entities import Metric
 
+        if epoch in self.logged_epochs():
+            log.warning(
+                "epoch %d is already in MLflow run %s (logged before the stop, whose "
+                "checkpoint was not kept); its first values stay",
+                epoch,
+                self.run_id,
+            )
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(metrics[k]), now, epoch) for k in METRIC_KEYS if k in metrics]
         self.client.log_batch(self.run_id, metrics=batch)
