@@ -20,15 +20,14 @@ still supported); its cache is written beside the plan as ``<plan>.calibration``
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.repository import write_atomic
 from training.errors import ExportError
 
 if TYPE_CHECKING:
@@ -72,20 +71,6 @@ def require_gpu() -> None:
             f"{torch.__version__}, CUDA build {torch.version.cuda}). A TensorRT engine is tied "
             "to the GPU model and TensorRT version that build it: build it where the server runs"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # honours the umask (mkstemp's 0600 would hide it from Triton)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
@@ -145,7 +130,7 @@ def _calibrator(images: np.ndarray, batch: int, cache_path: Path) -> trt.IInt8En
             return self._cache
 
         def write_calibration_cache(self, cache: memoryview | bytes) -> None:
-            _atomic_write(cache_path, bytes(cache))
+            write_atomic(cache_path, bytes(cache))
 
     return _EntropyCalibrator()
 
@@ -226,9 +211,9 @@ def build_engine(
     plan = bytes(serialized)
     if trt.Runtime(logger).deserialize_cuda_engine(plan) is None:
         raise ExportError(f"the engine built from {onnx_path} does not deserialize: {errors}")
-    _atomic_write(plan_path, plan)
+    write_atomic(plan_path, plan)
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     log.info("built %s in %.1f s (%d bytes)", plan_path, seconds, len(plan))
     return EngineReport(
         plan_path=plan_path,

@@ -54,6 +54,7 @@ __all__ = [
     "next_version",
     "read_config",
     "spec_from_config",
+    "write_atomic",
     "write_config",
     "write_model_set",
     "write_version",
@@ -83,7 +84,10 @@ class ModelSet:
         return [self.preprocess.name, self.classifier.name, self.ensemble.name]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file renamed into place, readable by
+    everyone (a Triton container may run as another user)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -99,7 +103,7 @@ def write_config(model_dir: Path, config: model_config_pb2.ModelConfig) -> Path:
     """``config.pbtxt`` from the message, atomically: a server polling the repository
     never reads half a file."""
     path = Path(model_dir) / CONFIG_FILE
-    _write_atomic(path, text_format.MessageToString(config).encode())
+    write_atomic(path, text_format.MessageToString(config).encode())
     return path
 
 
@@ -196,16 +200,16 @@ def write_model_set(
     if opts.target == "cpu":
         files[BACKEND_FILE] = backend_source("classifier")
     write_version(cls_dir, version, files)
-    _write_atomic(cls_dir / LABELS_FILE, labels)
+    write_atomic(cls_dir / LABELS_FILE, labels)
     write_config(cls_dir, cls_config)
 
     write_version(pre_dir, version, {BACKEND_FILE: backend_source("preprocess")})
     (pre_dir / WARMUP_DIR).mkdir(exist_ok=True)
-    _write_atomic(pre_dir / WARMUP_DIR / WARMUP_IMAGE, warmup_image(spec))
+    write_atomic(pre_dir / WARMUP_DIR / WARMUP_IMAGE, warmup_image(spec))
     write_config(pre_dir, pre_config)
 
     (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is its config
-    _write_atomic(ens_dir / LABELS_FILE, labels)
+    write_atomic(ens_dir / LABELS_FILE, labels)
     write_config(ens_dir, ens_config)
     return ModelSet(ensemble=ens_dir, classifier=cls_dir, preprocess=pre_dir, version=version)
 
