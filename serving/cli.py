@@ -4,7 +4,9 @@ medimg train --dataset pneumoniamnist --epochs 3
 medimg export --model pneumoniamnist-densenet121
 medimg serve --model-control-mode explicit
 medimg publish --model pneumoniamnist-densenet121@champion --url 127.0.0.1:8000
-medimg classify ../shared/data/samples/*.png --protocol grpc
+medimg classify ../shared/data/samples --protocol grpc
+medimg label ../shared/data/pneumoniamnist.npz --out labels.csv
+medimg triage ../shared/data/samples --finding pneumonia
 medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
 """
 
@@ -291,26 +293,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_foreground(_server(args), on_ready=ready)
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    from serving.client import TritonClassifier
-
-    failed = 0
-    with TritonClassifier(
-        args.url, args.protocol, args.model, client_preprocess=args.client_preprocess
-    ) as client:
-        for pred in client.classify_files(args.files):
-            if pred.error:
-                failed += 1
-                print(f"error: {pred.error}", file=sys.stderr, flush=True)
-                continue
-            print(pred.as_json() if args.json else pred.as_text(), flush=True)
-    if failed:
-        print(
-            f"error: {failed} of {len(args.files)} file(s) could not be classified", file=sys.stderr
-        )
-    return 1 if failed else 0
-
-
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from serving.pipeline import run_pipeline
 
@@ -344,6 +326,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serving import client_commands
+
     parser = argparse.ArgumentParser(
         prog="medimg",
         description=__doc__.splitlines()[0],
@@ -415,23 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("classify", help="classify image files through a running Triton server")
-    p.add_argument("files", nargs="+", help="PNG, JPEG, DICOM or .npy files")
-    p.add_argument(
-        "--url", default="", help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)"
-    )
-    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument(
-        "--model", default="", help="ensemble name (default: the only ensemble on the server)"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument(
-        "--client-preprocess",
-        action="store_true",
-        help="decode and preprocess here and send tensors (default: send the files' bytes "
-        "to the server-side preprocessing ensemble)",
-    )
-    p.set_defaults(func=cmd_classify)
+    client_commands.add_parsers(sub)  # classify, label, triage
 
     p = sub.add_parser(
         "pipeline", help="train, register, export, serve and evaluate through Triton"

@@ -1,12 +1,17 @@
-"""Classify images through a running Triton server, over HTTP or gRPC (``tritonclient``).
+"""The Python client for medimg models on Triton, over HTTP or gRPC (``tritonclient``).
 
-``--model NAME`` is the ensemble medimg exports: by default the client sends each
-file's raw bytes (PNG, JPEG, DICOM, ``.npy``) and the server decodes and preprocesses
-them. With ``client_preprocess=True`` it reads and preprocesses the files here, with
-the contract (image size, channels, normalisation, class names) from the server's
-model config, and sends float tensors to the ensemble's classifier ``NAME_onnx``::
+:class:`TritonClassifier` is the synchronous client; :class:`serving.aio_client.
+AsyncTritonClassifier` the asyncio one. Both read the model's contract (input and
+output names, image size, channels, normalisation, class names, max batch size) from
+the server's model config through :class:`ModelContract`, and build requests with
+:func:`request_for`, so there is one copy of the request code. ``--model NAME`` is the
+ensemble medimg exports: by default each item's encoded bytes (PNG, JPEG, DICOM,
+``.npy``) go to it and the server decodes and preprocesses them; with
+``client_preprocess=True`` the client does that and sends float tensors to the
+ensemble's classifier ``NAME_onnx``::
 
-    medimg classify ../shared/data/samples/00000001_000.png --protocol grpc --json
+    python -c "from serving.client import TritonClassifier as C; \
+c = C('127.0.0.1:8001', 'grpc'); print(next(c.classify_files(['../shared/data/samples/00000001_000.png'])))"
 """
 
 from __future__ import annotations
@@ -15,19 +20,26 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from serving.inputs import Item, file_items
 from serving.model_configs import IMAGE_INPUT, SPEC_PARAMETER
 from training.errors import DataError, MedimgError, ServingError
-from training.images import read_image
 from training.spec import ModelSpec
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+PROTOCOLS = tuple(DEFAULT_PORTS)
 
 
 def default_url(protocol: str, host: str = "127.0.0.1") -> str:
     return f"{host}:{DEFAULT_PORTS[protocol]}"
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in DEFAULT_PORTS:
+        raise ServingError(f"protocol: expected http or grpc, got {protocol!r}")
 
 
 @dataclass
@@ -54,8 +66,132 @@ class Prediction:
         return f"{self.file}\t{self.label}\t{self.probability:.4f}"
 
 
+def _param(config: dict, key: str) -> str:
+    value = config.get("parameters", {}).get(key, {})
+    return value.get("string_value") or value.get("stringValue") or ""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a client needs to know about a served medimg model, read from its config."""
+
+    model: str  # where encoded bytes go (the ensemble), or the tensor model itself
+    tensor_model: str  # where float tensors go: the ensemble's classifier
+    spec: ModelSpec
+    max_batch_size: int
+    accepts_bytes: bool  # an ensemble with the server-side preprocessing step
+
+    @classmethod
+    def from_config(cls, model: str, config: dict, where: str = "") -> ModelContract:
+        raw = _param(config, SPEC_PARAMETER)
+        if not raw:
+            raise ServingError(
+                f"{where}: model {model!r} has no {SPEC_PARAMETER!r} parameter; "
+                "it was not exported by medimg"
+            )
+        return cls(
+            model=model,
+            tensor_model=_param(config, "medimg_classifier") or model,
+            spec=ModelSpec.from_json(raw),
+            max_batch_size=max(1, int(config.get("max_batch_size", 1))),
+            accepts_bytes=config.get("platform") == "ensemble",
+        )
+
+    def prediction(self, file: str, probs: np.ndarray) -> Prediction:
+        names = self.spec.class_names
+        if len(probs) != len(names):
+            raise DataError(f"{self.model}: {len(probs)} outputs but {len(names)} class names")
+        return Prediction(
+            file=file,
+            label=names[int(np.argmax(probs))],
+            probabilities={n: float(v) for n, v in zip(names, probs, strict=True)},
+        )
+
+
+def client_module(protocol: str, *, aio: bool = False) -> Any:
+    """``tritonclient.{http,grpc}`` (or their ``.aio``), imported on first use."""
+    check_protocol(protocol)
+    if protocol == "http":
+        if aio:
+            import tritonclient.http.aio as mod
+        else:
+            import tritonclient.http as mod
+    elif aio:
+        import tritonclient.grpc.aio as mod
+    else:
+        import tritonclient.grpc as mod
+    return mod
+
+
+def request_for(mod: Any, protocol: str, input_name: str, array: np.ndarray, output: str):
+    """``(inputs, outputs)`` for one infer call: binary tensors both ways over HTTP."""
+    datatype = "BYTES" if array.dtype == np.object_ else "FP32"
+    inp = mod.InferInput(input_name, list(array.shape), datatype)
+    if protocol == "http":
+        inp.set_data_from_numpy(array, binary_data=True)
+        return [inp], [mod.InferRequestedOutput(output, binary_data=True)]
+    inp.set_data_from_numpy(array)
+    return [inp], [mod.InferRequestedOutput(output)]
+
+
+def bytes_batch(images: Sequence[bytes]) -> np.ndarray:
+    """Encoded images as the ensemble's ``image`` input: BYTES of shape [n, 1]."""
+    return np.array([[bytes(b)] for b in images], dtype=np.object_)
+
+
+def ready_names(index: Any, protocol: str) -> list[str]:
+    """READY model names from a repository index answer (gRPC protobuf, HTTP JSON or dict)."""
+    if protocol == "grpc" and not isinstance(index, dict | list):
+        index = [{"name": m.name, "state": m.state} for m in index.models]
+    if isinstance(index, dict):
+        index = index.get("models", [])
+    return sorted({m["name"] for m in index if m.get("state") == "READY"})
+
+
+def config_json(answer: dict, protocol: str) -> dict:
+    return answer["config"] if protocol == "grpc" else answer
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def prepare_batch(
+    batch: Sequence[Item], contract: ModelContract, tensor: bool
+) -> tuple[dict[int, Any], dict[int, Prediction]]:
+    """Payloads of the items that could be read, and error predictions for the others."""
+    payloads: dict[int, Any] = {}
+    results: dict[int, Prediction] = {}
+    for i, item in enumerate(batch):
+        try:
+            payloads[i] = item.payload(contract.spec, tensor=tensor)
+        except MedimgError as exc:
+            results[i] = Prediction(file=item.name, error=str(exc))
+    return payloads, results
+
+
+def join(payloads: Iterable[Any]) -> np.ndarray:
+    """Payloads as one request's input: FP32 tensors stacked, or BYTES [n, 1]."""
+    payloads = list(payloads)
+    if isinstance(payloads[0], np.ndarray):
+        return np.ascontiguousarray(np.concatenate(payloads), dtype=np.float32)
+    return bytes_batch(payloads)
+
+
+def finish_batch(
+    batch: Sequence[Item],
+    probs: dict[int, np.ndarray],
+    results: dict[int, Prediction],
+    contract: ModelContract,
+) -> list[Prediction]:
+    for i, p in probs.items():
+        results[i] = contract.prediction(batch[i].name, p)
+    return [results[i] for i in range(len(batch))]
+
+
 class TritonClassifier:
-    """One connection to one classifier model on a Triton server."""
+    """A synchronous connection to one medimg classifier on a Triton server."""
 
     def __init__(
         self,
@@ -66,23 +202,17 @@ class TritonClassifier:
         *,
         client_preprocess: bool = False,
     ) -> None:
-        if protocol not in DEFAULT_PORTS:
-            raise ServingError(f"protocol: expected http or grpc, got {protocol!r}")
+        self._mod = client_module(protocol)
         self.protocol = protocol
         self.url = url or default_url(protocol)
         self.timeout_s = timeout_s
-        if protocol == "http":
-            import tritonclient.http as client_mod
-        else:
-            import tritonclient.grpc as client_mod
-        self._mod = client_mod
         try:
             if protocol == "http":
-                self._client = client_mod.InferenceServerClient(
+                self._client = self._mod.InferenceServerClient(
                     self.url, connection_timeout=timeout_s, network_timeout=timeout_s
                 )
             else:
-                self._client = client_mod.InferenceServerClient(self.url)
+                self._client = self._mod.InferenceServerClient(self.url)
             live = self._client.is_server_live()
         except Exception as exc:
             raise ServingError(
@@ -90,18 +220,16 @@ class TritonClassifier:
             ) from exc
         if not live:
             raise ServingError(f"Triton server at {self.url} is not live")
-        self.model = model or self._only_model()
-        self.config = self._model_config(self.model)
-        self.spec = self._spec_from_config()
-        self.max_batch_size = max(1, int(self.config.get("max_batch_size", 1)))
+        name = model or self._only_ensemble()
+        self.contract = ModelContract.from_config(name, self._model_config(name), self.url)
         # a model that is not an ensemble takes tensors: preprocess here whatever was asked
-        self.client_preprocess = client_preprocess or self.config.get("platform") != "ensemble"
-        # tensors go to the classifier behind the ensemble (or to the model itself)
-        self.tensor_model = self._param("medimg_classifier") or self.model
+        self.client_preprocess = client_preprocess or not self.contract.accepts_bytes
 
-    def _param(self, key: str) -> str:
-        value = self.config.get("parameters", {}).get(key, {})
-        return value.get("string_value") or value.get("stringValue") or ""
+    # the contract, under the names callers used before it existed
+    model = property(lambda self: self.contract.model)
+    spec = property(lambda self: self.contract.spec)
+    tensor_model = property(lambda self: self.contract.tensor_model)
+    max_batch_size = property(lambda self: self.contract.max_batch_size)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -109,15 +237,11 @@ class TritonClassifier:
         except Exception as exc:
             raise ServingError(f"{self.url} ({self.protocol}): {what} failed: {exc}") from exc
 
-    def _only_model(self) -> str:
+    def _only_ensemble(self) -> str:
         """The one medimg ensemble ready on the server (its steps are not candidates)."""
         index = self._call("repository index", self._client.get_model_repository_index)
-        if self.protocol == "grpc":
-            index = [{"name": m.name, "state": m.state} for m in index.models]
-        ready = sorted({m["name"] for m in index if m.get("state") == "READY"})
-        ensembles = [
-            name for name in ready if self._model_config(name).get("platform") == "ensemble"
-        ]
+        ready = ready_names(index, self.protocol)
+        ensembles = [n for n in ready if self._model_config(n).get("platform") == "ensemble"]
         if len(ensembles) != 1:
             raise ServingError(
                 f"{self.url}: pass --model; models ready on this server: {ready or 'none'}"
@@ -125,114 +249,70 @@ class TritonClassifier:
         return ensembles[0]
 
     def _model_config(self, model: str) -> dict:
-        if self.protocol == "grpc":
-            config = self._call(
-                f"model config of {model!r}", self._client.get_model_config, model, as_json=True
-            )["config"]
-        else:
-            config = self._call(f"model config of {model!r}", self._client.get_model_config, model)
-        return config
-
-    def _spec_from_config(self) -> ModelSpec:
-        raw = self._param(SPEC_PARAMETER)
-        if not raw:
-            raise ServingError(
-                f"{self.url}: model {self.model!r} has no {SPEC_PARAMETER!r} parameter; "
-                "it was not exported by medimg"
-            )
-        return ModelSpec.from_json(raw)
-
-    def _run(self, model: str, name: str, chunk: np.ndarray, datatype: str) -> np.ndarray:
-        inp = self._mod.InferInput(name, list(chunk.shape), datatype)
-        if self.protocol == "http":
-            inp.set_data_from_numpy(chunk, binary_data=True)
-            outputs = [self._mod.InferRequestedOutput(self.spec.output_name, binary_data=True)]
-        else:
-            inp.set_data_from_numpy(chunk)
-            outputs = [self._mod.InferRequestedOutput(self.spec.output_name)]
-        result = self._call(
-            f"inference on {model!r}", self._client.infer, model, [inp], outputs=outputs
+        kwargs = {"as_json": True} if self.protocol == "grpc" else {}
+        answer = self._call(
+            f"model config of {model!r}", self._client.get_model_config, model, **kwargs
         )
-        return result.as_numpy(self.spec.output_name)
+        return config_json(answer, self.protocol)
+
+    def _run(self, model: str, name: str, array: np.ndarray) -> np.ndarray:
+        output = self.spec.output_name
+        inputs, outputs = request_for(self._mod, self.protocol, name, array, output)
+        result = self._call(
+            f"inference on {model!r}", self._client.infer, model, inputs, outputs=outputs
+        )
+        return result.as_numpy(output)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for preprocessed float32 (N, C, S, S), sent to the classifier in
         max_batch_size chunks."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = []
-        for start in range(0, len(x), self.max_batch_size):
-            chunk = x[start : start + self.max_batch_size]
-            out.append(self._run(self.tensor_model, self.spec.input_name, chunk, "FP32"))
+        out = [
+            self._run(self.tensor_model, self.spec.input_name, x[s : s + self.max_batch_size])
+            for s in range(0, len(x), self.max_batch_size)
+        ]
         return np.concatenate(out)
 
     def infer_bytes(self, images: Sequence[bytes]) -> np.ndarray:
         """Probabilities for encoded images (PNG, JPEG, DICOM, .npy), decoded and
         preprocessed by the server's ensemble, sent in max_batch_size chunks."""
-        out = []
-        for start in range(0, len(images), self.max_batch_size):
-            chunk = np.array(
-                [[bytes(b)] for b in images[start : start + self.max_batch_size]], dtype=np.object_
-            )
-            out.append(self._run(self.model, IMAGE_INPUT, chunk, "BYTES"))
+        out = [
+            self._run(self.model, IMAGE_INPUT, bytes_batch(part))
+            for part in chunks(list(images), self.max_batch_size)
+        ]
         return np.concatenate(out)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         return self.spec.preprocess(image[None])
 
-    def _read(self, path: str | Path) -> np.ndarray | bytes:
-        if self.client_preprocess:
-            return self.preprocess(read_image(path))
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    def _send(self, array: np.ndarray) -> np.ndarray:
+        """One request: BYTES to the ensemble, FP32 to the classifier."""
+        if array.dtype == np.object_:
+            return self._run(self.model, IMAGE_INPUT, array)
+        return self._run(self.tensor_model, self.spec.input_name, array)
 
-    def _infer_each_or_batch(self, items, ok, batch, results) -> np.ndarray:
-        """One request for the batch; when the server refuses it (a file it cannot decode),
-        each file alone, so one bad file costs only its own result."""
-        try:
-            return self.infer_bytes(items)
-        except ServingError:
-            probs, keep = [], []
-            for i, data in zip(list(ok), items, strict=True):
+    def classify_items(self, items: Sequence[Item], batch_size: int = 0) -> Iterator[Prediction]:
+        """One :class:`Prediction` per item, in order; a bad item carries an error. Items go
+        ``batch_size`` (default: the model's max) per request; a batch the server refuses
+        (one file it cannot decode) is retried item by item."""
+        size = min(batch_size or self.max_batch_size, self.max_batch_size)
+        for batch in chunks(list(items), size):
+            payloads, results = prepare_batch(batch, self.contract, self.client_preprocess)
+            probs: dict[int, np.ndarray] = {}
+            if payloads:
                 try:
-                    probs.append(self.infer_bytes([data])[0])
-                    keep.append(i)
-                except ServingError as exc:
-                    results[i] = Prediction(file=str(batch[i]), error=f"{batch[i]}: {exc}")
-            ok[:] = keep
-            return np.array(probs)
+                    probs = dict(zip(payloads, self._send(join(payloads.values())), strict=True))
+                except ServingError:
+                    for i, payload in payloads.items():
+                        try:
+                            probs[i] = self._send(join([payload]))[0]
+                        except ServingError as exc:
+                            results[i] = Prediction(batch[i].name, error=f"{batch[i].name}: {exc}")
+            yield from finish_batch(batch, probs, results, self.contract)
 
     def classify_files(self, files: Sequence[str | Path]) -> Iterator[Prediction]:
-        """One :class:`Prediction` per file, in order; bad files carry an error, not an exception."""
-        for batch in _chunks(list(files), self.max_batch_size):
-            items, ok = [], []
-            results: dict[int, Prediction] = {}
-            for i, path in enumerate(batch):
-                try:
-                    items.append(self._read(path))
-                    ok.append(i)
-                except MedimgError as exc:
-                    results[i] = Prediction(file=str(path), error=str(exc))
-            if items and not self.client_preprocess:
-                probs = self._infer_each_or_batch(items, ok, batch, results)
-            elif items:
-                probs = self.infer(np.concatenate(items))
-            if items:
-                for i, p in zip(ok, probs, strict=True):
-                    results[i] = self._prediction(str(batch[i]), p)
-            for i in range(len(batch)):
-                yield results[i]
-
-    def _prediction(self, file: str, probs: np.ndarray) -> Prediction:
-        names = self.spec.class_names
-        if len(probs) != len(names):
-            raise DataError(f"{self.model}: {len(probs)} outputs but {len(names)} class names")
-        return Prediction(
-            file=file,
-            label=names[int(np.argmax(probs))],
-            probabilities={n: float(v) for n, v in zip(names, probs, strict=True)},
-        )
+        """One :class:`Prediction` per file, in order; bad files carry an error."""
+        return self.classify_items(file_items(files))
 
     def close(self) -> None:
         self._client.close()
@@ -242,8 +322,3 @@ class TritonClassifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
