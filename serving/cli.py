@@ -326,7 +326,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving import client_commands
+    from serving import bench, client_commands
 
     parser = argparse.ArgumentParser(
         prog="medimg",
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     client_commands.add_parsers(sub)  # classify, label, triage
+    bench.add_parser(sub)
 
     p = sub.add_parser(
         "pipeline", help="train, register, export, serve and evaluate through Triton"

@@ -64,6 +64,18 @@ def npy_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 (H, W) or (H, W, C) image as PNG (lossless)."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def is_dicom_file(path: Path) -> bool:
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True

@@ -9,13 +9,13 @@ the in-process values to 1e-3, else the command fails::
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from serving import inputs
 from serving.client import TritonClassifier
 from serving.export import export_model
 from serving.server import TritonServer, serve_foreground
@@ -58,14 +58,7 @@ def evaluate_served(
 
 def png_bytes(image: np.ndarray) -> bytes:
     """A uint8 (C, H, W) image, as a split holds it, as PNG (lossless)."""
-    from PIL import Image
-
-    array = np.asarray(image).transpose(1, 2, 0)
-    if array.shape[2] == 1:
-        array = array[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return inputs.png_bytes(np.asarray(image).transpose(1, 2, 0))
 
 
 def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:

@@ -1,0 +1,296 @@
+"""``medimg bench``: what perf_analyzer gives Triton users, on our own asyncio client.
+
+For each concurrency level N, N closed-loop clients send requests back to back for
+``duration_s`` (after ``warmup_s`` not measured); it reports throughput
+(inferences/s), client latency p50/p90/p95/p99 and, from Triton's statistics API, the
+server-side split per request (queue, compute input, compute infer, compute output;
+summed over an ensemble's steps, like perf_analyzer) and the classifier's average
+batch size. Results go to a CSV and a PNG latency-throughput curve::
+
+    medimg bench --model pneumoniamnist-densenet121 --protocol grpc --concurrency 1,4,16 --duration-s 5
+    medimg bench --model pneumoniamnist-densenet121_onnx --input ../shared/data/samples/00000001_000.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.aio_client import AsyncTritonClassifier
+from serving.client import PROTOCOLS, bytes_batch
+from serving.inputs import png_bytes
+from training.errors import ConfigError, ServingError
+from training.images import read_image
+from training.spec import ModelSpec
+
+SPLIT = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    url: str = ""
+    protocol: str = "http"
+    model: str = ""  # an ensemble (encoded images) or a classifier (tensors); "": the ensemble
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    batch_size: int = 1
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    input: str = "random"  # or an image file
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ConfigError(f"concurrency: expected levels >= 1, got {self.concurrency}")
+        if self.batch_size < 1 or self.duration_s <= 0 or self.warmup_s < 0:
+            raise ConfigError(
+                f"expected batch_size >= 1, duration_s > 0, warmup_s >= 0; got "
+                f"{self.batch_size}, {self.duration_s}, {self.warmup_s}"
+            )
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    batch_size: int
+    requests: int  # answered without error in the measured window
+    failed: int
+    duration_s: float
+    throughput: float  # inferences (images) per second
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    server: dict[str, float] = field(default_factory=dict)  # µs per request, avg_batch
+    errors: list[str] = field(default_factory=list)  # the first few distinct ones
+
+    def row(self) -> dict[str, object]:
+        out = {
+            k: round(v, 3) if isinstance(v, float) else v
+            for k, v in asdict(self).items()
+            if k not in ("server", "errors")
+        }
+        out.update({f"server_{k}": round(v, 1) for k, v in self.server.items()})
+        return out
+
+
+def make_input(spec: ModelSpec, accepts_bytes: bool, source: str, batch: int) -> np.ndarray:
+    """One request's input: encoded images (BYTES [b, 1]) or preprocessed FP32 tensors."""
+    if source == "random":
+        rng = np.random.default_rng(0)
+        shape = (spec.image_size, spec.image_size) + ((spec.channels,) if spec.channels > 1 else ())
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        path = Path(source)
+        if accepts_bytes:
+            if not path.is_file():
+                raise ConfigError(f"--input {path}: no such file")
+            return bytes_batch([path.read_bytes()] * batch)
+        image = read_image(path)
+    if accepts_bytes:
+        return bytes_batch([png_bytes(image)] * batch)
+    return np.ascontiguousarray(np.repeat(spec.preprocess(image[None]), batch, axis=0))
+
+
+def _totals(stats: dict) -> Counter:
+    out: Counter = Counter()
+    for m in stats.get("model_stats", []):
+        inference = m.get("inference_stats", {})
+        out["success"] += int(inference.get("success", {}).get("count", 0))
+        for key in SPLIT:
+            out[key] += int(inference.get(key, {}).get("ns", 0))
+        out["inference_count"] += int(m.get("inference_count", 0))
+        out["execution_count"] += int(m.get("execution_count", 0))
+    return out
+
+
+async def _server_totals(client: AsyncTritonClassifier, models: list[str]) -> dict[str, Counter]:
+    return {m: _totals(await client.statistics(m)) for m in models}
+
+
+def server_split(before: dict[str, Counter], after: dict[str, Counter], tensor_model: str):
+    """µs per request of each phase, summed over the models, and the classifier's mean batch."""
+    split = dict.fromkeys(SPLIT, 0.0)
+    for model in after:
+        delta = after[model] - before[model]
+        if delta["success"]:
+            for key in SPLIT:
+                split[key] += delta[key] / delta["success"] / 1e3
+    d = after[tensor_model] - before[tensor_model]
+    split = {f"{k}_us": v for k, v in split.items()}
+    split["avg_batch"] = d["inference_count"] / d["execution_count"] if d["execution_count"] else 0
+    return split
+
+
+async def _load(client, array, seconds: float, n: int) -> tuple[list[float], list[str], float]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                await client.send(array)
+                latencies.append(time.perf_counter() - t0)
+            except ServingError as exc:
+                errors.append(str(exc))
+
+    await asyncio.gather(*(worker() for _ in range(n)))
+    return latencies, errors, time.perf_counter() - start
+
+
+async def _models_of(client: AsyncTritonClassifier, model: str) -> list[str]:
+    config = await client.model_config(model)
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    return [s["model_name"] for s in steps] or [model]
+
+
+async def run_levels(opts: BenchOptions, on_level=None) -> list[LevelResult]:
+    async with AsyncTritonClassifier(opts.url, opts.protocol, opts.model, opts.timeout_s) as c:
+        contract = c._contract
+        if opts.batch_size > contract.max_batch_size:
+            raise ConfigError(
+                f"--batch-size {opts.batch_size}: model {contract.model!r} takes at most "
+                f"{contract.max_batch_size} per request"
+            )
+        array = make_input(contract.spec, contract.accepts_bytes, opts.input, opts.batch_size)
+        models = await _models_of(c, contract.model)
+        tensor_model = contract.tensor_model if contract.tensor_model in models else models[-1]
+        results = []
+        for n in opts.concurrency:
+            if opts.warmup_s:
+                await _load(c, array, opts.warmup_s, n)
+            before = await _server_totals(c, models)
+            latencies, errors, seconds = await _load(c, array, opts.duration_s, n)
+            after = await _server_totals(c, models)
+            ms = (
+                np.percentile(np.array(latencies) * 1e3, [50, 90, 95, 99]) if latencies else [0] * 4
+            )
+            result = LevelResult(
+                concurrency=n,
+                batch_size=opts.batch_size,
+                requests=len(latencies),
+                failed=len(errors),
+                duration_s=round(seconds, 3),
+                throughput=len(latencies) * opts.batch_size / seconds,
+                p50_ms=float(ms[0]),
+                p90_ms=float(ms[1]),
+                p95_ms=float(ms[2]),
+                p99_ms=float(ms[3]),
+                server=server_split(before, after, tensor_model),
+                errors=sorted(set(errors))[:3],
+            )
+            results.append(result)
+            if on_level is not None:
+                on_level(result)
+        return results
+
+
+def run_bench(opts: BenchOptions, on_level=None) -> list[LevelResult]:
+    """Every concurrency level of ``opts``, in order (one event loop, one connection)."""
+    return asyncio.run(run_levels(opts, on_level))
+
+
+def describe(r: LevelResult) -> str:
+    s = r.server
+    return (
+        f"concurrency {r.concurrency:>3}: {r.throughput:8.1f} infer/s  latency p50 "
+        f"{r.p50_ms:6.2f}  p90 {r.p90_ms:6.2f}  p95 {r.p95_ms:6.2f}  p99 {r.p99_ms:6.2f} ms  "
+        f"server queue {s.get('queue_us', 0):7.0f}  input {s.get('compute_input_us', 0):5.0f}  "
+        f"infer {s.get('compute_infer_us', 0):7.0f}  output {s.get('compute_output_us', 0):5.0f}"
+        f" us  batch {s.get('avg_batch', 0):4.1f}" + (f"  FAILED {r.failed}" if r.failed else "")
+    )
+
+
+def write_csv(results: list[LevelResult], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r.row() for r in results]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_curve(results: list[LevelResult], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = [r.throughput for r in results]
+    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+        ax.plot(x, [getattr(r, key) for r in results], style, label=key.replace("_ms", ""))
+    for r in results:
+        ax.annotate(f"c={r.concurrency}", (r.throughput, r.p99_ms), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    ax.set(xlabel="throughput (inferences/s)", ylabel="latency (ms)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="throughput and latency per concurrency level (perf_analyzer-like)"
+    )
+    p.add_argument(
+        "--url", default="", help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)"
+    )
+    p.add_argument("--protocol", choices=PROTOCOLS, default="http")
+    p.add_argument("--model", default="", help="ensemble (image bytes) or NAME_onnx (tensors); "
+                   "default: the only ensemble")  # fmt: skip
+    p.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8, 16, 32),
+                   help="levels (default 1,2,4,8,16,32)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--duration-s", type=float, default=5.0, help="measured per level (default 5)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured, per level (default 1)")
+    p.add_argument("--input", default="random", help="an image file, or random (default)")
+    p.add_argument("--out", default="bench-results", help="folder for the CSV and PNG")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    opts = BenchOptions(url=args.url, protocol=args.protocol, model=args.model,
+                        concurrency=args.concurrency, batch_size=args.batch_size,
+                        duration_s=args.duration_s, warmup_s=args.warmup_s, input=args.input)  # fmt: skip
+    total = len(opts.concurrency) * (opts.duration_s + opts.warmup_s)
+    print(f"{len(opts.concurrency)} level(s), about {total:.0f} s", flush=True)
+    results = run_bench(opts, on_level=lambda r: print(describe(r), flush=True))
+    name = (args.model or "ensemble").replace("/", "_")
+    stem = Path(args.out) / f"bench-{name}-{args.protocol}-b{args.batch_size}"
+    csv_path = write_csv(results, stem.with_suffix(".csv"))
+    png = plot_curve(
+        results, stem.with_suffix(".png"), f"{name} over {args.protocol}, batch {args.batch_size}"
+    )
+    print(f"wrote {csv_path} and {png}")
+    failed = sum(r.failed for r in results)
+    for r in results:
+        for error in r.errors:
+            print(f"error: concurrency {r.concurrency}: {error}", file=sys.stderr)
+    if failed:
+        print(f"error: {failed} request(s) failed", file=sys.stderr)
+    return 1 if failed else 0
