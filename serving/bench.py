@@ -244,7 +244,7 @@ def plot_curve(results: list[LevelResult], path: Path, title: str) -> Path:
     return path
 
 
-def _levels(text: str) -> tuple[int, ...]:
+def levels_arg(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -263,7 +263,7 @@ def add_parser(sub) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="http")
     p.add_argument("--model", default="", help="ensemble (image bytes) or NAME_onnx (tensors); "
                    "default: the only ensemble")  # fmt: skip
-    p.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8, 16, 32),
+    p.add_argument("--concurrency", type=levels_arg, default=(1, 2, 4, 8, 16, 32),
                    help="levels (default 1,2,4,8,16,32)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="images per request (default 1)")
     p.add_argument("--duration-s", type=float, default=5.0, help="measured per level (default 5)")

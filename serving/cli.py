@@ -109,7 +109,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_REPOSITORY,
         help="Triton model repository (default %(default)s)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; any "
+                   "other address exposes the endpoints to the network)")  # fmt: skip
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -120,18 +121,29 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         help="explicit: load/unload through the repository API (what `medimg publish --url` "
         "uses); none: the repository as it was at start (default)",
     )
+    p.add_argument("--no-http-guard", action="store_true", help="serve Triton's own HTTP "
+                   "directly, without the validating proxy (serving/http_guard.py)")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                   help="HTTP guard: larger requests are refused (default 64 MiB)")  # fmt: skip
 
 
 def _server(args: argparse.Namespace):
-    from serving.server import TritonServer
+    from serving.server import TritonServer, is_loopback
 
+    host = args.host or "127.0.0.1"  # another address only when --host names it
+    if not is_loopback(host):
+        print(f"warning: --host {host}: the HTTP, gRPC and metrics endpoints are reachable "
+              "from the network, without authentication", file=sys.stderr, flush=True)  # fmt: skip
     return TritonServer(
         Path(args.repository),
-        host=args.host,
+        host=host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         model_control_mode=args.model_control_mode,
+        allow_public=args.host is not None,
+        http_guard=not args.no_http_guard,
+        max_request_bytes=args.max_request_bytes,
     )
 
 
@@ -259,6 +271,8 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trt-precision", choices=("FP16", "FP32"), default=None,
                    help="--target gpu: the TensorRT accelerator's precision (default FP16)")  # fmt: skip
     g.add_argument("--no-warmup", action="store_true", help="no model_warmup in the configs")
+    g.add_argument("--max-image-bytes", type=int, default=32 << 20, help="NAME_preprocess "
+                   "refuses larger encoded images with INVALID_ARG (default 32 MiB)")  # fmt: skip
 
 
 def repository_options(args: argparse.Namespace):
@@ -278,6 +292,7 @@ def repository_options(args: argparse.Namespace):
         version_policy=args.version_policy,
         trt_precision=args.trt_precision or "FP16",
         warmup=not args.no_warmup,
+        max_image_bytes=args.max_image_bytes,
     )
 
 
@@ -285,8 +300,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import serve_foreground
 
     def ready(server) -> None:
+        guard = f" (guarded, max {server.max_request_bytes} bytes)" if server.http_guard else ""
         print(
-            f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+            f"Triton ready: HTTP {server.http_url}{guard}  gRPC {server.grpc_url}  "
+            f"metrics {server.metrics_url}",
             flush=True,
         )
 
@@ -326,7 +343,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving import bench, client_commands
+    from serving import bench, client_commands, tune_server
 
     parser = argparse.ArgumentParser(
         prog="medimg",
@@ -401,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_commands.add_parsers(sub)  # classify, label, triage
     bench.add_parser(sub)
+    tune_server.add_parser(sub)
 
     p = sub.add_parser(
         "pipeline", help="train, register, export, serve and evaluate through Triton"

@@ -1,0 +1,285 @@
+"""``medimg tune-server``: sweep the serving knobs on our own bench and write the best
+config (the Model Analyzer idea, for the embedded CPU server).
+
+Knobs: the dynamic batcher's ``max_queue_delay_microseconds`` (both steps), preferred
+batch sizes, classifier and preprocess instance counts, and ONNX Runtime's intra-op
+threads. The sweep is coordinate descent: one knob at a time over its values, the
+others held at the best so far, starting from the repository's current config. Each
+trial serves a copy of the model set (configs rewritten, version folders linked, not
+copied) on free loopback ports and runs ``medimg bench`` at the given concurrency
+levels; the score is the throughput at the highest level, among trials whose p99 at
+the lowest level fits ``--p99-budget-ms``. The winner is written into the repository
+only if it beats the current config by ``--min-gain``; the old configs are kept as
+``config.pbtxt.before-tune``::
+
+    medimg tune-server --model pneumoniamnist-densenet121 --concurrency 1,16 --p99-budget-ms 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from serving.bench import BenchOptions, LevelResult, levels_arg, run_bench
+from serving.model_configs import classifier_name, preprocess_name
+from serving.repository import CONFIG_FILE, read_config, spec_from_config, write_config
+from serving.server import TritonServer, find_free_port
+from training.errors import ConfigError, ServingError
+
+
+@dataclass(frozen=True)
+class Knobs:
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...]
+    instances: int
+    preprocess_instances: int
+    intra_op_threads: int
+
+    def label(self) -> str:
+        sizes = ",".join(map(str, self.preferred_batch_sizes)) or "-"
+        return (
+            f"delay {self.max_queue_delay_us}us pref {sizes} inst {self.instances} "
+            f"pre-inst {self.preprocess_instances} threads {self.intra_op_threads}"
+        )
+
+
+def default_space(cores: int | None = None) -> dict[str, tuple]:
+    """The values each knob takes in the sweep, in sweep order."""
+    cores = cores or os.cpu_count() or 1
+    return {
+        "max_queue_delay_us": (0, 100, 1000, 5000),
+        "intra_op_threads": tuple(sorted({1, max(1, cores // 2), cores})),
+        "instances": (1, 2),
+        "preprocess_instances": (1, 2),
+        "preferred_batch_sizes": ((), (4, 8, 16), (8, 16, 32)),
+    }
+
+
+@dataclass
+class Trial:
+    knobs: Knobs
+    results: list[LevelResult]
+    throughput: float
+    p99_low_ms: float
+    feasible: bool
+
+
+def current_knobs(repository: Path, model: str) -> tuple[Knobs, list[str]]:
+    """The knobs of ``model``'s set as the repository holds them, and the set's models."""
+    ensemble = read_config(repository / model)
+    spec = spec_from_config(ensemble)
+    classifier, pre = classifier_name(spec), preprocess_name(spec)
+    if ensemble.platform != "ensemble":
+        raise ConfigError(f"{repository / model}: not a medimg ensemble (pass its NAME)")
+    cls = read_config(repository / classifier)
+    if cls.backend != "python":
+        raise ConfigError(
+            f"{repository / classifier}: tune-server tunes the embedded CPU server's Python "
+            f"backend; this config is {cls.platform or cls.backend!r} (exported with --target gpu)"
+        )
+    knobs = Knobs(
+        max_queue_delay_us=cls.dynamic_batching.max_queue_delay_microseconds,
+        preferred_batch_sizes=tuple(cls.dynamic_batching.preferred_batch_size),
+        instances=sum(g.count or 1 for g in cls.instance_group) or 1,
+        preprocess_instances=sum(g.count or 1 for g in read_config(repository / pre).instance_group)
+        or 1,
+        intra_op_threads=int(cls.parameters["intra_op_threads"].string_value or 0),
+    )
+    return knobs, [model, pre, classifier]
+
+
+def apply_knobs(repository: Path, models: list[str], knobs: Knobs) -> dict[str, object]:
+    """The set's configs with ``knobs`` applied (protobuf objects, not yet written)."""
+    _, pre, classifier = models
+    configs = {}
+    for name in (pre, classifier):
+        config = read_config(repository / name)
+        batching = config.dynamic_batching
+        batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
+        del batching.preferred_batch_size[:]
+        batching.preferred_batch_size.extend(
+            s for s in knobs.preferred_batch_sizes if s <= config.max_batch_size
+        )
+        del config.instance_group[1:]
+        config.instance_group[0].count = (
+            knobs.instances if name == classifier else knobs.preprocess_instances
+        )
+        if name == classifier:
+            config.parameters["intra_op_threads"].string_value = str(knobs.intra_op_threads)
+        configs[name] = config
+    return configs
+
+
+def trial_repository(repository: Path, models: list[str], knobs: Knobs, dest: Path) -> Path:
+    """A copy of the model set under ``dest``: new configs, everything else linked."""
+    configs = apply_knobs(repository, models, knobs)
+    for name in models:
+        (dest / name).mkdir(parents=True)
+        for entry in (repository / name).iterdir():
+            if entry.name != CONFIG_FILE and not entry.name.startswith("."):
+                (dest / name / entry.name).symlink_to(entry.resolve())
+        if name in configs:
+            write_config(dest / name, configs[name])
+        else:
+            shutil.copy2(repository / name / CONFIG_FILE, dest / name / CONFIG_FILE)
+    return dest
+
+
+def measure(repository: Path, models: list[str], knobs: Knobs, bench: BenchOptions) -> list:
+    with tempfile.TemporaryDirectory(prefix="medimg-tune-server-") as tmp:
+        repo = trial_repository(repository, models, knobs, Path(tmp) / "repository")
+        ports = {"http_port": find_free_port(), "grpc_port": find_free_port()}
+        ports["metrics_port"] = find_free_port()
+        with TritonServer(repo, **ports) as server:
+            url = (
+                server.grpc_url
+                if bench.protocol == "grpc"
+                else server.http_url.removeprefix("http://")
+            )
+            return run_bench(replace(bench, url=url))
+
+
+def sweep(
+    repository: Path,
+    model: str,
+    bench: BenchOptions,
+    *,
+    space: dict[str, tuple] | None = None,
+    p99_budget_ms: float = 0.0,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> tuple[Trial, list[Trial]]:
+    """(the current config's trial, every trial in order) of a coordinate-descent sweep."""
+    space = space if space is not None else default_space()
+    unknown = set(space) - set(Knobs.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"search space: unknown knob(s) {sorted(unknown)}")
+    start, models = current_knobs(repository, model)
+    low, high = min(bench.concurrency), max(bench.concurrency)
+    seen: dict[Knobs, Trial] = {}
+
+    def run(knobs: Knobs) -> Trial:
+        if knobs not in seen:
+            results = measure(repository, models, knobs, bench)
+            by_level = {r.concurrency: r for r in results}
+            failed = sum(r.failed for r in results)
+            p99 = by_level[low].p99_ms
+            seen[knobs] = Trial(
+                knobs=knobs,
+                results=results,
+                throughput=by_level[high].throughput if not failed else 0.0,
+                p99_low_ms=p99,
+                feasible=not failed and (not p99_budget_ms or p99 <= p99_budget_ms),
+            )
+            if on_trial is not None:
+                on_trial(seen[knobs])
+        return seen[knobs]
+
+    baseline = best = run(start)
+    for knob, values in space.items():
+        for value in values:
+            trial = run(replace(best.knobs, **{knob: value}))
+            if trial.feasible and (not best.feasible or trial.throughput > best.throughput):
+                best = trial
+    return baseline, list(seen.values())
+
+
+def write_best(repository: Path, model: str, knobs: Knobs) -> list[Path]:
+    """Write ``knobs`` into the set's configs; keep the old ones as config.pbtxt.before-tune."""
+    _, models = current_knobs(repository, model)
+    written = []
+    for name, config in apply_knobs(repository, models, knobs).items():
+        shutil.copy2(
+            repository / name / CONFIG_FILE, repository / name / "config.pbtxt.before-tune"
+        )
+        written.append(write_config(repository / name, config))
+    return written
+
+
+def trial_rows(trials: list[Trial]) -> list[dict[str, object]]:
+    rows = []
+    for t in trials:
+        row = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v
+               for k, v in asdict(t.knobs).items()}  # fmt: skip
+        row.update(throughput=round(t.throughput, 1), p99_low_ms=round(t.p99_low_ms, 2),
+                   feasible=t.feasible)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def check_result(best: Trial, baseline: Trial, min_gain: float) -> bool:
+    """Whether ``best`` is worth writing: feasible and ``min_gain`` better than the baseline."""
+    if not best.feasible:
+        raise ServingError(
+            "no configuration met the constraints (every trial failed requests or exceeded "
+            "--p99-budget-ms); the repository is unchanged"
+        )
+    if best.knobs == baseline.knobs:
+        return False
+    return not baseline.feasible or best.throughput >= baseline.throughput * (1 + min_gain)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune-server", help="sweep batching, instances and threads on the bench; "
+                       "write the best config")  # fmt: skip
+    p.add_argument("--model", required=True, help="the ensemble's NAME")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
+    p.add_argument("--send", choices=("tensors", "images"), default="images",
+                   help="bench the ensemble with image bytes (default) or NAME_onnx with tensors")  # fmt: skip
+    p.add_argument("--concurrency", type=levels_arg, default=(1, 16),
+                   help="levels; score = throughput at the highest (default 1,16)")  # fmt: skip
+    p.add_argument("--p99-budget-ms", type=float, default=0.0,
+                   help="p99 at the lowest level must fit (0: no limit)")  # fmt: skip
+    p.add_argument("--duration-s", type=float, default=4.0)
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--min-gain", type=float, default=0.03,
+                   help="write only if this much better than the current config (default 0.03)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="measure and report; write nothing")
+    p.add_argument("--out", default="bench-results", help="folder for the trials CSV")
+    p.set_defaults(func=cmd_tune_server)
+
+
+def cmd_tune_server(args: argparse.Namespace) -> int:
+    repository = Path(args.repository)
+    knobs, models = current_knobs(repository, args.model)
+    target = models[0] if args.send == "images" else models[2]
+    bench = BenchOptions(protocol=args.protocol, model=target, concurrency=args.concurrency,
+                         duration_s=args.duration_s, warmup_s=args.warmup_s)  # fmt: skip
+    space = default_space()
+    trials = 1 + sum(len(v) for v in space.values())
+    print(f"current: {knobs.label()}\nup to {trials} trials of about "
+          f"{len(bench.concurrency) * (bench.duration_s + bench.warmup_s) + 10:.0f} s", flush=True)  # fmt: skip
+
+    def show(t: Trial) -> None:
+        mark = "" if t.feasible else "  (infeasible)"
+        print(f"  {t.knobs.label():<60} {t.throughput:8.1f} infer/s  p99@{min(bench.concurrency)} "
+              f"{t.p99_low_ms:6.2f} ms{mark}", flush=True)  # fmt: skip
+
+    baseline, trials_run = sweep(repository, args.model, bench, space=space,
+                                 p99_budget_ms=args.p99_budget_ms, on_trial=show)  # fmt: skip
+    best = max((t for t in trials_run if t.feasible), key=lambda t: t.throughput, default=baseline)
+    out = Path(args.out) / f"tune-server-{args.model}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(trials_run)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"trials: {out}")
+    print(f"best:    {best.knobs.label()}  {best.throughput:.1f} infer/s "
+          f"({best.throughput / max(baseline.throughput, 1e-9):.2f}x the current config)")  # fmt: skip
+    if not check_result(best, baseline, args.min_gain):
+        print("the current config is within --min-gain of the best: left unchanged")
+        return 0
+    if args.dry_run:
+        print("--dry-run: nothing written")
+        return 0
+    for path in write_best(repository, args.model, best.knobs):
+        print(f"wrote {path} (previous: config.pbtxt.before-tune)")
+    return 0
