@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import sys
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from serving.aio_client import AsyncTritonClassifier
 from serving.client import PROTOCOLS, bytes_batch
 from serving.inputs import png_bytes
+from serving.shm import SharedMemorySlots
 from training.errors import ConfigError, ServingError
 from training.images import read_image
 from training.spec import ModelSpec
@@ -44,6 +46,7 @@ class BenchOptions:
     duration_s: float = 5.0
     warmup_s: float = 1.0
     input: str = "random"  # or an image file
+    shared_memory: bool = False  # tensors through system shared memory (NAME_onnx only)
     timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -129,22 +132,23 @@ def server_split(before: dict[str, Counter], after: dict[str, Counter], tensor_m
     return split
 
 
-async def _load(client, array, seconds: float, n: int) -> tuple[list[float], list[str], float]:
+async def _load(senders: list, seconds: float, n: int) -> tuple[list[float], list[str], float]:
+    """``n`` closed-loop workers, worker i calling ``senders[i]()``, for ``seconds``."""
     latencies: list[float] = []
     errors: list[str] = []
     start = time.perf_counter()
     stop_at = start + seconds
 
-    async def worker() -> None:
+    async def worker(send) -> None:
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             try:
-                await client.send(array)
+                await send()
                 latencies.append(time.perf_counter() - t0)
             except ServingError as exc:
                 errors.append(str(exc))
 
-    await asyncio.gather(*(worker() for _ in range(n)))
+    await asyncio.gather(*(worker(senders[i]) for i in range(n)))
     return latencies, errors, time.perf_counter() - start
 
 
@@ -165,34 +169,43 @@ async def run_levels(opts: BenchOptions, on_level=None) -> list[LevelResult]:
         array = make_input(contract.spec, contract.accepts_bytes, opts.input, opts.batch_size)
         models = await _models_of(c, contract.model)
         tensor_model = contract.tensor_model if contract.tensor_model in models else models[-1]
-        results = []
-        for n in opts.concurrency:
-            if opts.warmup_s:
-                await _load(c, array, opts.warmup_s, n)
-            before = await _server_totals(c, models)
-            latencies, errors, seconds = await _load(c, array, opts.duration_s, n)
-            after = await _server_totals(c, models)
-            ms = (
-                np.percentile(np.array(latencies) * 1e3, [50, 90, 95, 99]) if latencies else [0] * 4
-            )
-            result = LevelResult(
-                concurrency=n,
-                batch_size=opts.batch_size,
-                requests=len(latencies),
-                failed=len(errors),
-                duration_s=round(seconds, 3),
-                throughput=len(latencies) * opts.batch_size / seconds,
-                p50_ms=float(ms[0]),
-                p90_ms=float(ms[1]),
-                p95_ms=float(ms[2]),
-                p99_ms=float(ms[3]),
-                server=server_split(before, after, tensor_model),
-                errors=sorted(set(errors))[:3],
-            )
-            results.append(result)
-            if on_level is not None:
-                on_level(result)
-        return results
+        async with contextlib.AsyncExitStack() as stack:
+            if opts.shared_memory:
+                slots = SharedMemorySlots(c, array, max(opts.concurrency))
+                await stack.enter_async_context(slots)
+                senders = [slots.sender(i) for i in range(max(opts.concurrency))]
+            else:
+                senders = [lambda: c.send(array)] * max(opts.concurrency)
+            return await _levels(c, opts, senders, models, tensor_model, on_level)
+
+
+async def _levels(c, opts: BenchOptions, senders, models, tensor_model, on_level):
+    results = []
+    for n in opts.concurrency:
+        if opts.warmup_s:
+            await _load(senders, opts.warmup_s, n)
+        before = await _server_totals(c, models)
+        latencies, errors, seconds = await _load(senders, opts.duration_s, n)
+        after = await _server_totals(c, models)
+        ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 95, 99]) if latencies else [0] * 4
+        result = LevelResult(
+            concurrency=n,
+            batch_size=opts.batch_size,
+            requests=len(latencies),
+            failed=len(errors),
+            duration_s=round(seconds, 3),
+            throughput=len(latencies) * opts.batch_size / seconds,
+            p50_ms=float(ms[0]),
+            p90_ms=float(ms[1]),
+            p95_ms=float(ms[2]),
+            p99_ms=float(ms[3]),
+            server=server_split(before, after, tensor_model),
+            errors=sorted(set(errors))[:3],
+        )
+        results.append(result)
+        if on_level is not None:
+            on_level(result)
+    return results
 
 
 def run_bench(opts: BenchOptions, on_level=None) -> list[LevelResult]:
@@ -269,6 +282,8 @@ def add_parser(sub) -> None:
     p.add_argument("--duration-s", type=float, default=5.0, help="measured per level (default 5)")
     p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured, per level (default 1)")
     p.add_argument("--input", default="random", help="an image file, or random (default)")
+    p.add_argument("--shared-memory", action="store_true", help="tensors through system "
+                   "shared memory (NAME_onnx; the server must run on this machine)")  # fmt: skip
     p.add_argument("--out", default="bench-results", help="folder for the CSV and PNG")
     p.set_defaults(func=cmd_bench)
 
@@ -276,7 +291,8 @@ def add_parser(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(url=args.url, protocol=args.protocol, model=args.model,
                         concurrency=args.concurrency, batch_size=args.batch_size,
-                        duration_s=args.duration_s, warmup_s=args.warmup_s, input=args.input)  # fmt: skip
+                        duration_s=args.duration_s, warmup_s=args.warmup_s, input=args.input,
+                        shared_memory=args.shared_memory)  # fmt: skip
     total = len(opts.concurrency) * (opts.duration_s + opts.warmup_s)
     print(f"{len(opts.concurrency)} level(s), about {total:.0f} s", flush=True)
     results = run_bench(opts, on_level=lambda r: print(describe(r), flush=True))

@@ -282,3 +282,19 @@ def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
     record = json.loads(lines.stdout)
     assert (file, label) == (record["file"], record["label"])
     assert float(prob) == pytest.approx(record["probabilities"][label], abs=1e-4)
+
+
+def test_bench_through_shared_memory_cleans_up(server) -> None:
+    import tritonclient.grpc as grpcclient
+
+    from serving.bench import run_bench
+
+    opts = BenchOptions(url=server["grpc"], protocol="grpc", model=f"{MODEL}_onnx",
+                        concurrency=(1, 3), duration_s=0.7, warmup_s=0.1, shared_memory=True)  # fmt: skip
+    results = run_bench(opts)
+    assert [r.failed for r in results] == [0, 0] and all(r.requests > 5 for r in results)
+    status = grpcclient.InferenceServerClient(server["grpc"]).get_system_shared_memory_status()
+    assert not status.regions  # every region unregistered
+    with pytest.raises(Exception, match="needs a tensor model"):
+        run_bench(BenchOptions(url=server["grpc"], protocol="grpc", model=MODEL,
+                               concurrency=(1,), duration_s=0.2, shared_memory=True))  # fmt: skip
