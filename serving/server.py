@@ -4,7 +4,8 @@
 :func:`~serving.triton_home.prepare_server_home` as a child process in its own
 session, with the environment from :func:`~serving.triton_home.server_env` (so
 Python-backend models import this environment's packages whether or not the venv
-is activated)::
+is activated). Triton's HTTP listens on a private port behind :mod:`serving.http_guard` on
+``host:http_port`` (``http_guard=False``: none); a non-loopback ``host`` needs ``allow_public``::
 
     python -c "from pathlib import Path; from serving.server import TritonServer, serve_foreground; \
 raise SystemExit(serve_foreground(TritonServer(Path('model_repository')), on_ready=lambda s: print(s.http_url)))"
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import ipaddress
 import os
 import secrets
 import signal
@@ -30,6 +32,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from serving import http_guard
+from serving.http_guard import DEFAULT_MAX_REQUEST_BYTES
 from serving.repository import CONFIG_FILE
 from serving.triton_home import prepare_server_home, server_env
 from training.errors import ConfigError, ServingError
@@ -40,6 +44,7 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # timeout so the server ends by itself, not by SIGKILL. Override with extra_args.
 EXIT_TIMEOUT_S = 5
 _PR_SET_PDEATHSIG = 1
+_DETACHED = {"stdin": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "start_new_session": True}
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -60,9 +65,30 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``; any other name or address counts as public."""
+    with contextlib.suppress(ValueError):
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    return False
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _terminate(process: subprocess.Popen | None, timeout: float, *, group: bool) -> None:
+    """SIGTERM by PID, then SIGKILL (to its process group if ``group``) after ``timeout`` s."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()
 
 
 class TritonServer:
@@ -79,6 +105,9 @@ class TritonServer:
         log_file: Path | None = None,
         model_control_mode: str = "none",
         extra_args: Sequence[str] = (),
+        allow_public: bool = False,
+        http_guard: bool = True,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ConfigError(
@@ -92,6 +121,11 @@ class TritonServer:
             raise ConfigError(f"http, grpc and metrics ports must differ, got {self.ports}")
         if isinstance(extra_args, str):
             raise ConfigError("extra_args must be a sequence of arguments, not one string")
+        if not is_loopback(host) and not allow_public:
+            raise ConfigError(
+                f"host {host!r} is not a loopback address: the endpoints would be reachable from "
+                f"the network; give --host {host or '0.0.0.0'} explicitly (allow_public=True)"
+            )
         self.repository, self.host = Path(repository), host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.model_control_mode, self.extra_args = model_control_mode, list(extra_args)
@@ -99,11 +133,18 @@ class TritonServer:
         self._log_file = Path(log_file) if log_file is not None else None
         self.log_path: Path | None = None  # the server's stdout+stderr, once started
         self._own_log = False
+        self.http_guard, self.max_request_bytes = http_guard, max_request_bytes
         self._process: subprocess.Popen | None = None
+        self._guard: subprocess.Popen | None = None  # serving.http_guard
+        self._triton_http_port = http_port  # Triton's own HTTP: private behind the guard
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def guard_pid(self) -> int | None:
+        return self._guard.pid if self._guard else None
 
     @property
     def http_url(self) -> str:
@@ -119,7 +160,15 @@ class TritonServer:
         return f"http://{self._url_host}:{self.metrics_port}/metrics"
 
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """tritonserver, and the HTTP guard if there is one, are alive."""
+        return self._process is not None and self.exited() is None
+
+    def exited(self) -> tuple[str, int] | None:
+        """(which, exit code) of tritonserver or else the HTTP guard if it has exited, or None."""
+        for what, process in (("tritonserver", self._process), ("the HTTP guard", self._guard)):
+            if process is not None and process.poll() is not None:
+                return what, process.returncode
+        return None
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -136,8 +185,11 @@ class TritonServer:
             f"--model-repository={self.repository.resolve()}",
             f"--backend-directory={home / 'backends'}",
             f"--cache-directory={home / 'caches'}",
-            *(f"--{kind}-address={self.host}" for kind in self.ports),
-            *(f"--{kind}-port={port}" for kind, port in self.ports.items()),
+            *(f"--{kind}-address={self.host}" for kind in ("grpc", "metrics")),
+            f"--http-address={'127.0.0.1' if self.http_guard else self.host}",
+            f"--http-port={self._triton_http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",  # no NVML/DCGM warnings on CPU
             "--pinned-memory-pool-byte-size=0",  # no CUDA: skip the failing pinned pool
             "--exit-on-error=true",
@@ -167,6 +219,9 @@ class TritonServer:
             if port_in_use(self.host, port):
                 raise ServingError(f"{name} port {port} on {self.host} is already in use")
         home = prepare_server_home()
+        self._triton_http_port = self.http_port
+        while self.http_guard and self._triton_http_port in self.ports.values():
+            self._triton_http_port = find_free_port()  # not one the caller has picked
         if self._log_file is not None:
             self._log_file.parent.mkdir(parents=True, exist_ok=True)
             self.log_path, self._own_log = self._log_file, False
@@ -174,40 +229,37 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="medimg-tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path, self._own_log = Path(name), True
-        main_thread = threading.current_thread() is threading.main_thread()
+        self._guard = None
         try:
-            with open(self.log_path, "ab") as log:
-                self._process = subprocess.Popen(
-                    self.command(home),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=server_env(),
-                    cwd=home,
-                    start_new_session=True,  # Ctrl-C reaches us, not the server; we stop it
-                    # SIGTERM when the thread that started it ends: only safe from the main thread.
-                    preexec_fn=_die_with_parent if main_thread else None,
-                )
+            self._process = self._spawn(self.command(home), env=server_env(), cwd=home)
+            if self.http_guard:  # on host:http_port, in front of Triton's private HTTP port
+                self._guard = self._spawn(http_guard.command(self, self._triton_http_port))
         except OSError as exc:
-            raise ServingError(f"cannot run {home / 'bin' / 'tritonserver'}: {exc}") from exc
+            if self.running():
+                self.stop()
+            raise ServingError(f"cannot run tritonserver or its HTTP guard: {exc}") from exc
+
+    def _spawn(self, command: list[str], **popen: object) -> subprocess.Popen:
+        # Own session: Ctrl-C reaches us, stop() ends it; PDEATHSIG only from the main thread.
+        die = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        with open(self.log_path or os.devnull, "ab") as log:
+            return subprocess.Popen(command, stdout=log, preexec_fn=die, **_DETACHED, **popen)
 
     def wait_ready(
         self, timeout: float = 120, *, interrupted: threading.Event | None = None
     ) -> bool:
-        """Poll ``/v2/health/ready`` until 200 (True), or until ``interrupted`` is set (False).
-
-        ServingError with the log tail if the server exits first; after ``timeout``
-        s it is stopped and ServingError raised.
-        """
+        """Poll ``/v2/health/ready`` until 200 (True) or ``interrupted`` is set (False); ServingError
+        with the log tail if a process exits first, or (both stopped) after ``timeout`` s."""
         if self._process is None:
             raise ServingError("tritonserver was not started")
         deadline = time.monotonic() + timeout
         while True:
-            code = self._process.poll()
-            if code is not None:
+            if dead := self.exited():
+                tail = self.log_tail()
+                self.stop()  # the other one
                 raise ServingError(
-                    f"tritonserver exited with code {code} before it was ready "
-                    f"(log {self.log_path}):\n{self.log_tail()}"
+                    f"{dead[0]} exited with code {dead[1]} before it was ready "
+                    f"(log {self.log_path}):\n{tail}"
                 )
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no *_proxy
             try:
@@ -227,19 +279,12 @@ class TritonServer:
             time.sleep(0.2)
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then SIGKILL to its process group after ``timeout`` s; returns the exit code."""
-        process = self._process
+        """SIGTERM the HTTP guard, then tritonserver (SIGKILL to its group after ``timeout`` s)."""
+        process, guard = self._process, self._guard
         if process is None:
             raise ServingError("tritonserver was not started")
-        if process.poll() is None:
-            try:
-                os.kill(process.pid, signal.SIGTERM)
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # the server and its backend stubs
-                process.wait()
-            except ProcessLookupError:
-                process.wait()
+        _terminate(guard, 10, group=False)
+        _terminate(process, timeout, group=True)  # SIGKILL to the server and its backend stubs
         if process.returncode != 0:  # e.g. killed while loading: its backend stubs may linger
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)  # our session; gone if none are left
@@ -282,12 +327,12 @@ def serve_foreground(
             if server.wait_ready(interrupted=stop) and not stop.is_set() and on_ready is not None:
                 on_ready(server)
             while not stop.wait(0.5):
-                if not server.running():
-                    code = server.stop()
-                    tail = server.log_tail()
+                if dead := server.exited():
+                    server.stop()
+                    what, code = dead
                     print(
-                        f"tritonserver exited on its own with code {code} "
-                        f"(log {server.log_path}):\n{tail}",
+                        f"{what} exited on its own with code {code} "
+                        f"(log {server.log_path}):\n{server.log_tail()}",
                         file=sys.stderr,
                         flush=True,
                     )

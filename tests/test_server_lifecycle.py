@@ -114,6 +114,13 @@ def test_prepare_server_home_concurrently(tmp_path):
     assert os.access(Path(home) / "backends" / "python" / "triton_python_backend_stub", os.X_OK)
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # gone already
+        return ""
+
+
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -135,7 +142,7 @@ def test_server_dies_with_the_process_that_started_it(
                               log_file=Path(sys.argv[2]))
         server.start()
         server.wait_ready()
-        print(server.pid, flush=True)
+        print(server.pid, server.guard_pid, flush=True)
         os._exit(0)  # no stop(), no atexit: only PR_SET_PDEATHSIG can end the server
         """
     )
@@ -147,11 +154,12 @@ def test_server_dies_with_the_process_that_started_it(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    pid = int(done.stdout.split()[-1])
+    pid, guard_pid = map(int, done.stdout.split()[-2:])
     deadline = time.monotonic() + 30
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not (_gone(pid) and _gone(guard_pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _gone(pid), f"tritonserver {pid} outlived its parent"
+    assert _gone(guard_pid), f"the HTTP guard {guard_pid} outlived its parent"
 
 
 def _stripped_env(cache: Path) -> dict[str, str]:
@@ -289,7 +297,8 @@ def test_serve_foreground_stopped_while_loading_leaves_no_stub(
     try:
         deadline, session = time.monotonic() + 60, []
         while len(session) < 2 and time.monotonic() < deadline:  # tritonserver + a stub
-            servers = _children(proc.pid)
+            children = _children(proc.pid)  # tritonserver and the HTTP guard (a Python process)
+            servers = [p for p in children if _exe(p).endswith("/tritonserver")]
             session = _processes(2, servers[0]) if servers else []
             time.sleep(0.05)
         assert len(session) >= 2, "no backend stub started"
@@ -300,3 +309,4 @@ def test_serve_foreground_stopped_while_loading_leaves_no_stub(
             proc.kill()
             proc.wait()
     assert _processes(2, servers[0]) == []  # server and stubs all gone, at once
+    assert all(_gone(pid) for pid in children)  # the guard too

@@ -1,0 +1,344 @@
+"""A validating reverse proxy in front of tritonserver's HTTP endpoint.
+
+One HTTP/JSON infer request declaring a huge input shape aborts tritonserver 2.51
+(``std::bad_alloc``) before any model code runs; malformed JSON is answered 500. So
+:class:`~serving.server.TritonServer` binds Triton's HTTP to a private 127.0.0.1 port and
+runs this guard (a child process, stopped by PID) on ``host:http_port``. It forwards every
+request over a keep-alive pool and answers Triton-style ``{"error": "..."}`` itself to:
+
+- bodies above ``--max-request-bytes`` (413 before reading them; gzip/deflate decompressed
+  here within the same limit);
+- infer requests (``POST /v2/models/<m>[/versions/<v>]/infer``) with malformed JSON, a
+  shape that is no list of non-negative integers, an unknown datatype, a declared size
+  (prod(shape) x element size; BYTES 4 each) above the limit, JSON ``data`` of another
+  element count or type, or binary sizes the body lacks (400, naming the input);
+- repository load/unload unless ``--model-control-mode explicit`` (403)::
+
+    python -m serving.http_guard --host 127.0.0.1 --port 8000 --upstream 127.0.0.1:18000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import signal
+import sys
+import zlib
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from multidict import CIMultiDict
+from yarl import URL
+
+if TYPE_CHECKING:
+    from serving.server import TritonServer
+
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+HEADER_LENGTH = "Inference-Header-Content-Length"
+ELEMENT_BYTES = (
+    dict.fromkeys(("BOOL", "UINT8", "INT8"), 1)
+    | dict.fromkeys(("UINT16", "INT16", "FP16", "BF16"), 2)
+    | dict.fromkeys(("UINT32", "INT32", "FP32", "BYTES"), 4)  # BYTES: a 4-byte length each
+    | dict.fromkeys(("UINT64", "INT64", "FP64"), 8)
+)
+_LEAVES = {"BOOL": (bool,), "BYTES": (str,), "FP": (int, float), "BF": (int, float)}
+LEAF_TYPES = {kind: _LEAVES.get(kind, _LEAVES.get(kind[:2], (int,))) for kind in ELEMENT_BYTES}
+_UINT, _BOOL = (int,), (bool,)
+PARAMETER_TYPES = {"binary_data": _BOOL, "binary_data_output": _BOOL, "sequence_start": _BOOL,
+                   "sequence_end": _BOOL, "classification": _UINT, "priority": _UINT,
+                   "timeout": _UINT, "binary_data_size": _UINT, "shared_memory_byte_size": _UINT,
+                   "shared_memory_offset": _UINT, "shared_memory_region": (str,),
+                   "sequence_id": (int, str)}  # fmt: skip
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
+HOP_BY_HOP |= {"transfer-encoding", "content-length", "host", "expect"}  # aiohttp sets these
+OFFLOAD_BYTES = 1 << 20  # infer headers above this are checked in a worker thread
+REPOSITORY_CONTROL_OFF = ("model load/unload through the repository API is off; start the "
+                          "server with --model-control-mode explicit to allow it")  # fmt: skip
+_REPOSITORY_CONTROL = re.compile(r"/v2/repository/.*/(load|unload)/*")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_data(label: str, data: object, datatype: str, expected: int) -> None:
+    """JSON ``data`` (nested lists allowed) must hold ``expected`` elements of the type."""
+    if not isinstance(data, list):
+        raise ValueError(f"{label}: 'data' must be a list (or use binary_data_size), got {_short(data)}")  # fmt: skip
+    allowed, count, stack = LEAF_TYPES[datatype], 0, [data]
+    while stack and count <= expected:
+        items = stack.pop()
+        kinds = set(map(type, items))
+        if list in kinds:
+            stack.extend(x for x in items if type(x) is list)
+            kinds.discard(list)
+            count += sum(type(x) is not list for x in items)
+        else:
+            count += len(items)
+        if kinds.difference(allowed):
+            bad = next(x for x in items if type(x) is not list and type(x) not in allowed)
+            want = "/".join(t.__name__ for t in allowed)
+            raise ValueError(f"{label}: 'data' holds {_short(bad, 30)} ({type(bad).__name__}), {datatype} needs {want}")  # fmt: skip
+    if count != expected:
+        more = "more than " if count > expected else ""
+        raise ValueError(f"{label}: 'data' holds {more}{count} elements, the shape says {expected}")
+
+
+def _check_parameters(where: str, params: object) -> None:
+    """Triton answers 500 to parameters of the wrong JSON type: name them here instead."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: 'parameters' must be a JSON object, got {_short(params)}")
+    for key, value in params.items():
+        kind = PARAMETER_TYPES.get(key, (str, int, float, bool))
+        if type(value) not in kind or (kind == _UINT and value < 0):
+            want = "a non-negative integer" if kind == _UINT else "/".join(k.__name__ for k in kind)
+            raise ValueError(f"{where}: parameter {key!r} must be {want}, got {_short(value)}")
+
+
+def _check_envelope(request: object) -> list:
+    """What Triton parses besides the inputs' shapes and data; returns the inputs."""
+    if not isinstance(request, dict):
+        raise ValueError(f"the infer request must be a JSON object, got {_short(request)}")
+    inputs, outputs = request.get("inputs"), request.get("outputs", [])
+    if not isinstance(inputs, list):
+        raise ValueError(f"the infer request needs 'inputs', a list of tensors, got {_short(inputs)}")  # fmt: skip
+    if not isinstance(request.get("id", ""), str):
+        raise ValueError(f"'id' must be a string, got {_short(request['id'])}")
+    _check_parameters("the request", request.get("parameters", {}))
+    if not isinstance(outputs, list):
+        raise ValueError(f"'outputs' must be a list of objects, got {_short(outputs)}")
+    for index, out in enumerate(outputs):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise ValueError(f"outputs[{index}] must be an object with a string 'name', got {_short(out)}")  # fmt: skip
+        _check_parameters(f"output {out['name']!r}", out.get("parameters", {}))
+    return inputs
+
+
+def _tensor_sizes(index: int, tensor: object, max_bytes: int) -> tuple[int, int]:
+    """(bytes the body carries for ``inputs[index]``, of which binary); ValueError if bad."""
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+        raise ValueError(f"inputs[{index}] must be an object with a string 'name', got {_short(tensor)}")  # fmt: skip
+    label, shape, datatype = (
+        f"input {tensor['name']!r}",
+        tensor.get("shape"),
+        tensor.get("datatype"),
+    )
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+        raise ValueError(f"{label}: 'shape' must be a list of non-negative integers, got {_short(shape)}")  # fmt: skip
+    if not isinstance(datatype, str) or datatype not in ELEMENT_BYTES:
+        raise ValueError(f"{label}: unknown datatype {_short(datatype)}, expected one of {sorted(ELEMENT_BYTES)}")  # fmt: skip
+    count = math.prod(shape)
+    declared, params = count * ELEMENT_BYTES[datatype], tensor.get("parameters", {})
+    what = f"{label}: shape {shape} of {datatype}"
+    _check_parameters(label, params)
+    if "shared_memory_region" in params:  # the data is in a registered region, not the body
+        region = params.get("shared_memory_byte_size")
+        if datatype != "BYTES" and region != declared:
+            raise ValueError(f"{what} is {declared} bytes, shared_memory_byte_size {region}")
+        return 0, 0
+    if declared > max_bytes:
+        raise ValueError(f"{what} declares {declared} bytes, above the limit of {max_bytes} bytes (--max-request-bytes)")  # fmt: skip
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if datatype != "BYTES" and size != declared:
+            raise ValueError(f"{what} needs {declared} bytes, binary_data_size is {size}")
+        return declared, size
+    _check_data(label, tensor.get("data"), datatype, count)
+    return declared, 0
+
+
+def infer_problem(body: bytes, header_length: int | None, max_bytes: int) -> str | None:
+    """What is wrong with one HTTP infer request body, or None (see the module docstring)."""
+    header = body if header_length is None else body[:header_length]
+    if header_length is not None and not 0 <= header_length <= len(body):
+        return f"{HEADER_LENGTH} {header_length} is outside the body's {len(body)} bytes"
+    try:
+        request = json.loads(header, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return f"malformed JSON in the infer request: {exc}"
+    total = binary = 0
+    try:
+        for index, tensor in enumerate(_check_envelope(request)):
+            declared, in_binary = _tensor_sizes(index, tensor, max_bytes)
+            total, binary = total + declared, binary + in_binary
+            if total > max_bytes:
+                raise ValueError(f"input {tensor['name']!r}: the inputs declare {total} bytes in all, above the limit of {max_bytes} bytes (--max-request-bytes)")  # fmt: skip
+    except ValueError as exc:
+        return str(exc)
+    if binary > len(body) - len(header):
+        return f"the inputs declare {binary} bytes of binary data, the body holds {len(body) - len(header)} after the JSON header"  # fmt: skip
+    return None
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class Guard:
+    """The aiohttp handlers; ``upstream`` is Triton's own HTTP address, ``host:port``."""
+
+    def __init__(self, upstream: str, max_bytes: int, repository_control: bool) -> None:
+        self.upstream, self.max_bytes = f"http://{upstream}", max_bytes
+        self.repository_control = repository_control
+        self.session: ClientSession | None = None
+
+    def _too_large(self, size: int, what: str = "request body") -> Refusal:
+        limit = f"the limit of {self.max_bytes} bytes (--max-request-bytes)"
+        return Refusal(413, f"{what} of {size} bytes is above {limit}")
+
+    async def start(self, _app: web.Application) -> None:
+        self.session = ClientSession(
+            connector=TCPConnector(limit=256, keepalive_timeout=30),
+            timeout=ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self, _app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def expect(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
+        if (request.content_length or 0) > self.max_bytes:
+            return _error(413, str(self._too_large(request.content_length or 0)))
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return _error(417, f"unsupported Expect: {request.headers['Expect']!r}")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    async def _body(self, request: web.Request) -> bytes:
+        if (request.content_length or 0) > self.max_bytes:
+            raise self._too_large(request.content_length or 0)
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise self._too_large(len(body), "request body of more than")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity":
+            return bytes(body)
+        if encoding not in ("gzip", "deflate"):
+            raise Refusal(415, f"Content-Encoding {encoding!r}: only gzip and deflate are accepted")
+        inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header
+        try:
+            plain = inflate.decompress(bytes(body), self.max_bytes + 1)
+        except zlib.error as exc:
+            raise Refusal(400, f"cannot decompress the {encoding} request body: {exc}") from None
+        if len(plain) > self.max_bytes or inflate.unconsumed_tail:
+            raise self._too_large(len(plain), f"{encoding}-decompressed body of more than")
+        return plain
+
+    async def _check(self, request: web.Request, body: bytes) -> None:
+        path, raw = request.path.rstrip("/"), request.raw_path.partition("?")[0].rstrip("/")
+        if request.method == "POST" and (path.endswith("/infer") or raw.endswith("/infer")):
+            length = request.headers.get(HEADER_LENGTH)
+            if length is not None and not length.strip().isdigit():
+                raise Refusal(
+                    400, f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}"
+                )
+            header_length = None if length is None else int(length)
+            args = (body, header_length, self.max_bytes)
+            if min(len(body), header_length or len(body)) > OFFLOAD_BYTES:  # keep answering
+                problem = await asyncio.to_thread(infer_problem, *args)
+            else:
+                problem = infer_problem(*args)
+            if problem:
+                model = re.search(r"/models/([^/]+)", path)
+                raise Refusal(400, f"model {model[1]!r}: {problem}" if model else problem)
+        elif not self.repository_control and _REPOSITORY_CONTROL.fullmatch(path):
+            raise Refusal(403, REPOSITORY_CONTROL_OFF)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._body(request)
+            await self._check(request, body)
+        except Refusal as refusal:
+            return _error(refusal.status, str(refusal))
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+        )
+        headers.popall("Content-Encoding", None)  # decompressed above
+        assert self.session is not None
+        url = URL(self.upstream + request.raw_path, encoded=True)
+        try:
+            async with self.session.request(
+                request.method, url, data=body or None, headers=headers, allow_redirects=False
+            ) as upstream:
+                payload = await upstream.read()
+        except (ClientError, OSError) as exc:
+            return _error(502, f"tritonserver at {self.upstream} did not answer: {exc!r}")
+        keep = CIMultiDict(
+            (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+        )
+        return web.Response(body=payload, status=upstream.status, headers=keep)
+
+
+async def run_guard(
+    host: str, port: int, upstream: str, max_bytes: int, repository_control: bool
+) -> None:
+    """Serve until SIGTERM/SIGINT; in-flight requests get up to 5 s to finish."""
+    guard = Guard(upstream, max_bytes, repository_control)
+    app = web.Application(client_max_size=max_bytes + 1)
+    app.router.add_route("*", "/{tail:.*}", guard.handle, expect_handler=guard.expect)
+    app.on_startup.append(guard.start)
+    app.on_cleanup.append(guard.close)
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False, shutdown_timeout=5)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        note = f"http://{host}:{port} -> http://{upstream}, max request {max_bytes} bytes"
+        print(f"medimg http guard: {note}", file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def command(server: TritonServer, upstream_port: int) -> list[str]:
+    """The command line that runs the guard for ``server`` as a child process."""
+    options = {"host": server.host, "port": server.http_port, "upstream": f"127.0.0.1:{upstream_port}",
+               "max-request-bytes": server.max_request_bytes, "model-control-mode": server.model_control_mode}  # fmt: skip
+    return [sys.executable, "-m", "serving.http_guard", *(f"--{k}={v}" for k, v in options.items())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m serving.http_guard", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--upstream", required=True, help="tritonserver's own HTTP, HOST:PORT")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    p.add_argument("--model-control-mode", default="none", help="explicit: allow load/unload")
+    args = p.parse_args(argv)
+    try:
+        explicit = args.model_control_mode == "explicit"
+        asyncio.run(
+            run_guard(args.host, args.port, args.upstream, args.max_request_bytes, explicit)
+        )
+    except OSError as exc:  # e.g. the port is taken
+        print(f"medimg http guard: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
