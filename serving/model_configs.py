@@ -32,6 +32,7 @@ LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 SPEC_PARAMETER = "medimg_spec"
+MAX_IMAGE_BYTES_PARAMETER = "max_image_bytes"
 IMAGE_INPUT = "image"  # the ensemble's and the preprocess model's input: encoded bytes
 WARMUP_DIR = "warmup"
 WARMUP_IMAGE = "sample_image.bin"  # Triton's TYPE_STRING layout: uint32 length + bytes
@@ -53,6 +54,7 @@ class RepositoryOptions:
     version_policy: str = "latest:1"  # latest:N | all | specific:V[,V...]
     trt_precision: str = "FP16"  # TensorRT accelerator / engine precision on --target gpu
     warmup: bool = True
+    max_image_bytes: int = 32 << 20  # NAME_preprocess refuses a larger encoded image
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -79,6 +81,8 @@ class RepositoryOptions:
             raise ConfigError(
                 f"trt_precision: expected one of {PRECISIONS}, got {self.trt_precision!r}"
             )
+        if self.max_image_bytes < 1:
+            raise ConfigError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
         parse_version_policy(self.version_policy)
 
 
@@ -215,6 +219,7 @@ def preprocess_config(spec: ModelSpec, opts: RepositoryOptions) -> pb.ModelConfi
     _check_spec(spec)
     config = _base(preprocess_name(spec), spec, opts)
     config.backend = "python"
+    config.parameters[MAX_IMAGE_BYTES_PARAMETER].string_value = str(opts.max_image_bytes)
     config.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
     config.output.add(
         name=spec.input_name,

@@ -13,7 +13,8 @@ s = TritonServer(Path('model_repository')); s.start(); s.wait_ready(); print(s.h
 With dynamic batching Triton hands :meth:`TritonPythonModel.execute` several
 requests at once: the valid ones are concatenated into one ONNX Runtime run and
 the result is split back; an invalid one gets an ``INVALID_ARG`` error (HTTP
-400, gRPC INVALID_ARGUMENT) without failing its neighbours.
+400, gRPC INVALID_ARGUMENT) without failing its neighbours. Only a failure of ONNX
+Runtime itself on valid input is ``INTERNAL`` (500); no exception leaves ``execute``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ class TritonPythonModel:
         return None
 
     def execute(self, requests):
+        """One response per request, always: an exception escaping here would make Triton
+        answer every request of the batch with 500."""
+        try:
+            return self._execute(requests)
+        except Exception as exc:  # a bug of ours, not the input's: INTERNAL
+            message = f"model {self.model_name}: {type(exc).__name__}: {exc}"
+            return [_error(message, invalid_argument=False) for _ in requests]
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         valid = []  # (request index, array)
         for index, request in enumerate(requests):

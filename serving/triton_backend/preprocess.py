@@ -12,12 +12,15 @@ spec comes from the config's ``medimg_spec`` parameter; both are read once, in
     curl -s localhost:8000/v2/models/pneumoniamnist-densenet121/config | python -m json.tool
 
 Every bad item (bytes that are no image, a DICOM without pixel data, an empty string,
-a wrong dtype or shape) answers its request with ``INVALID_ARG`` naming the problem;
-the other requests in the same batch are served.
+an item above the config's ``max_image_bytes``, a ``.npy`` header declaring more data
+than the item holds, a wrong dtype or shape) answers its request with ``INVALID_ARG``
+naming the problem; the other requests in the same batch are served. No exception
+leaves :meth:`TritonPythonModel.execute` (Triton would answer it with 500).
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -28,12 +31,32 @@ from training.images import read_image_bytes
 from training.spec import ModelSpec
 
 IMAGE_INPUT = "image"
+DEFAULT_MAX_IMAGE_BYTES = 32 << 20  # repositories written before the parameter existed
 
 
 def _error(message: str):
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
     )
+
+
+def _check_npy_size(data: bytes, row: int) -> None:
+    """A ``.npy`` item's header must not declare more data than the item holds (numpy would
+    allocate the declared array before finding the data missing)."""
+    if data[:6] != b"\x93NUMPY":
+        return
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        shape, _, dtype = np.lib.format._read_array_header(stream, version)
+    except Exception as exc:
+        raise ValueError(f"input {IMAGE_INPUT!r} item {row}: bad .npy header ({exc})") from None
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > len(data) - stream.tell():
+        raise ValueError(
+            f"input {IMAGE_INPUT!r} item {row}: .npy header declares {declared} bytes of "
+            f"data {list(shape)} {dtype}, the item holds {len(data) - stream.tell()}"
+        )
 
 
 class TritonPythonModel:
@@ -47,6 +70,8 @@ class TritonPythonModel:
             )
         self.spec = ModelSpec.from_json(raw)
         self.max_batch_size = int(config.get("max_batch_size", 0))
+        limit = config.get("parameters", {}).get("max_image_bytes", {}).get("string_value")
+        self.max_image_bytes = int(limit or DEFAULT_MAX_IMAGE_BYTES)
 
     def _decode(self, array: np.ndarray) -> np.ndarray:
         """One request's (n, 1) object array of bytes -> float32 (n, C, S, S)."""
@@ -62,32 +87,44 @@ class TritonPythonModel:
             data = bytes(item) if not isinstance(item, bytes) else item
             if not data:
                 raise ValueError(f"input {IMAGE_INPUT!r} item {row}: empty (0 bytes)")
+            if len(data) > self.max_image_bytes:
+                raise ValueError(
+                    f"input {IMAGE_INPUT!r} item {row}: {len(data)} bytes, above the limit of "
+                    f"{self.max_image_bytes} bytes (max_image_bytes)"
+                )
+            _check_npy_size(data, row)
             image = read_image_bytes(data, name=f"{IMAGE_INPUT}[{row}]")
             tensors.append(self.spec.preprocess(image[None]))
         return np.ascontiguousarray(np.concatenate(tensors), dtype=np.float32)
 
+    def _respond(self, request):
+        tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+        if tensor is None:
+            return _error(f"model {self.model_name}: missing input {IMAGE_INPUT!r}")
+        try:
+            batch = self._decode(tensor.as_numpy())
+        except (MedimgError, ValueError) as exc:
+            return _error(f"model {self.model_name}: {exc}")
+        except Exception as exc:  # any decoder failure (MemoryError too) is the input's fault
+            return _error(
+                f"model {self.model_name}: cannot decode {IMAGE_INPUT!r}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        out = pb_utils.Tensor(self.spec.input_name, batch)
+        return pb_utils.InferenceResponse(output_tensors=[out])
+
     def execute(self, requests):
         responses = []
         for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
-            if tensor is None:
-                responses.append(_error(f"model {self.model_name}: missing input {IMAGE_INPUT!r}"))
-                continue
             try:
-                batch = self._decode(tensor.as_numpy())
-            except (MedimgError, ValueError) as exc:
-                responses.append(_error(f"model {self.model_name}: {exc}"))
-                continue
-            except Exception as exc:  # any decoder failure is the input's fault
+                responses.append(self._respond(request))
+            except Exception as exc:  # never let one escape: Triton would answer 500 for all
                 responses.append(
                     _error(
-                        f"model {self.model_name}: cannot decode {IMAGE_INPUT!r}: "
+                        f"model {self.model_name}: cannot preprocess {IMAGE_INPUT!r}: "
                         f"{type(exc).__name__}: {exc}"
                     )
                 )
-                continue
-            out = pb_utils.Tensor(self.spec.input_name, batch)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         return responses
 
     def finalize(self):
