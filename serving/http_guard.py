@@ -1,18 +1,15 @@
 """A validating reverse proxy in front of tritonserver's HTTP endpoint.
 
 One HTTP/JSON infer request declaring a huge input shape aborts tritonserver 2.51
-(``std::bad_alloc``) before any model code runs; malformed JSON is answered 500. So
-:class:`~serving.server.TritonServer` binds Triton's HTTP to a private 127.0.0.1 port and
-runs this guard (a child process, stopped by PID) on ``host:http_port``. It forwards every
-request over a keep-alive pool and answers Triton-style ``{"error": "..."}`` itself to:
-
-- bodies above ``--max-request-bytes`` (413 before reading them; gzip/deflate decompressed
-  here within the same limit);
-- infer requests (``POST /v2/models/<m>[/versions/<v>]/infer``) with malformed JSON, a
-  shape that is no list of non-negative integers, an unknown datatype, a declared size
-  (prod(shape) x element size; BYTES 4 each) above the limit, JSON ``data`` of another
-  element count or type, or binary sizes the body lacks (400, naming the input);
-- repository load/unload unless ``--model-control-mode explicit`` (403)::
+(``std::bad_alloc``); malformed JSON is answered 500. So :class:`~serving.server.TritonServer`
+binds Triton's HTTP to a private 127.0.0.1 port and runs this guard (a child process, stopped
+by PID) on ``host:http_port``. It forwards every request over keep-alive connections and
+answers these itself, Triton-style (``{"error": "..."}``, naming the input and problem):
+bodies above ``--max-request-bytes`` (413; gzip/deflate bodies are inflated here within the
+limit); infer requests with malformed JSON, shapes that are no list of non-negative integers,
+unknown datatypes, declared sizes (prod(shape) x element size, BYTES 4) above the limit, JSON
+data of another element count or type, missing binary data, or wrongly typed ids, parameters
+or outputs (400); repository load/unload unless ``--model-control-mode explicit`` (403)::
 
     python -m serving.http_guard --host 127.0.0.1 --port 8000 --upstream 127.0.0.1:18000
 """
@@ -29,21 +26,17 @@ import sys
 import zlib
 from typing import TYPE_CHECKING
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 if TYPE_CHECKING:
     from serving.server import TritonServer
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 HEADER_LENGTH = "Inference-Header-Content-Length"
-ELEMENT_BYTES = (
-    dict.fromkeys(("BOOL", "UINT8", "INT8"), 1)
-    | dict.fromkeys(("UINT16", "INT16", "FP16", "BF16"), 2)
-    | dict.fromkeys(("UINT32", "INT32", "FP32", "BYTES"), 4)  # BYTES: a 4-byte length each
-    | dict.fromkeys(("UINT64", "INT64", "FP64"), 8)
-)
+ELEMENT_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+                 "UINT32": 4, "INT32": 4, "FP32": 4, "BYTES": 4,  # BYTES: a 4-byte length each
+                 "UINT64": 8, "INT64": 8, "FP64": 8}  # fmt: skip
 _LEAVES = {"BOOL": (bool,), "BYTES": (str,), "FP": (int, float), "BF": (int, float)}
 LEAF_TYPES = {kind: _LEAVES.get(kind, _LEAVES.get(kind[:2], (int,))) for kind in ELEMENT_BYTES}
 _UINT, _BOOL = (int,), (bool,)
@@ -184,46 +177,75 @@ class Refusal(Exception):
         self.status = status
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+class Upstream:
+    """Keep-alive HTTP/1.1 connections to tritonserver (Content-Length or chunked bodies)."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.idle = address, []
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+
+    async def _read(self, reader: asyncio.StreamReader, method: str) -> tuple[int, list, bytes, bool]:  # fmt: skip
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        version, status = head[0].split(" ", 2)[:2]
+        headers = [tuple(v.strip() for v in line.split(":", 1)) for line in head[1:] if ":" in line]  # fmt: skip
+        fields = {k.lower(): v for k, v in headers}
+        reuse = fields.get("connection", "").lower() != "close" and version == "HTTP/1.1"
+        if method == "HEAD" or status in ("204", "304"):
+            return int(status), headers, b"", reuse
+        if "content-length" in fields:
+            return int(status), headers, await reader.readexactly(int(fields["content-length"])), reuse  # fmt: skip
+        if "chunked" not in fields.get("transfer-encoding", ""):
+            return int(status), headers, await reader.read(), False
+        chunks = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+            pass
+        return int(status), headers, b"".join(chunks), reuse
+
+    async def request(self, method: str, target: str, headers: list, body: bytes) -> tuple[int, list, bytes]:  # fmt: skip
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.address}", f"Content-Length: {len(body)}"]  # fmt: skip
+        data = "\r\n".join(lines + [f"{k}: {v}" for k, v in headers] + ["", ""]).encode("latin-1") + body  # fmt: skip
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)  # fmt: skip
+            try:
+                writer.write(data)
+                status, response_headers, payload, reuse = await self._read(reader, method)
+            except BaseException as exc:
+                writer.close()
+                closed = isinstance(exc, ConnectionError) or getattr(exc, "partial", None) == b""
+                if reused and closed:
+                    continue  # an idle connection tritonserver had closed: once more, afresh
+                raise
+            if reuse:
+                self.idle.append((reader, writer))
+            else:
+                writer.close()
+            return status, response_headers, payload
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop()[1].close()
 
 
 class Guard:
     """The aiohttp handlers; ``upstream`` is Triton's own HTTP address, ``host:port``."""
 
     def __init__(self, upstream: str, max_bytes: int, repository_control: bool) -> None:
-        self.upstream, self.max_bytes = f"http://{upstream}", max_bytes
+        self.upstream, self.max_bytes = Upstream(upstream), max_bytes
         self.repository_control = repository_control
-        self.session: ClientSession | None = None
 
     def _too_large(self, size: int, what: str = "request body") -> Refusal:
         limit = f"the limit of {self.max_bytes} bytes (--max-request-bytes)"
         return Refusal(413, f"{what} of {size} bytes is above {limit}")
 
-    async def start(self, _app: web.Application) -> None:
-        self.session = ClientSession(
-            connector=TCPConnector(limit=256, keepalive_timeout=30),
-            timeout=ClientTimeout(total=None, sock_connect=10),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
-
-    async def close(self, _app: web.Application) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def expect(self, request: web.Request) -> web.Response | None:
-        """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
-        if (request.content_length or 0) > self.max_bytes:
-            return _error(413, str(self._too_large(request.content_length or 0)))
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return _error(417, f"unsupported Expect: {request.headers['Expect']!r}")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-
-    async def _body(self, request: web.Request) -> bytes:
-        if (request.content_length or 0) > self.max_bytes:
+    async def _body(self, request: web.BaseRequest) -> bytes:
+        if (request.content_length or 0) > self.max_bytes:  # before 100 Continue, if expected
             raise self._too_large(request.content_length or 0)
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = bytearray()
         while chunk := await request.content.readany():
             body += chunk
@@ -243,49 +265,37 @@ class Guard:
             raise self._too_large(len(plain), f"{encoding}-decompressed body of more than")
         return plain
 
-    async def _check(self, request: web.Request, body: bytes) -> None:
+    async def _check(self, request: web.BaseRequest, body: bytes) -> None:
         path, raw = request.path.rstrip("/"), request.raw_path.partition("?")[0].rstrip("/")
         if request.method == "POST" and (path.endswith("/infer") or raw.endswith("/infer")):
             length = request.headers.get(HEADER_LENGTH)
             if length is not None and not length.strip().isdigit():
-                raise Refusal(
-                    400, f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}"
-                )
+                raise Refusal(400, f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")  # fmt: skip
             header_length = None if length is None else int(length)
             args = (body, header_length, self.max_bytes)
-            if min(len(body), header_length or len(body)) > OFFLOAD_BYTES:  # keep answering
-                problem = await asyncio.to_thread(infer_problem, *args)
-            else:
-                problem = infer_problem(*args)
+            big = len(body) > OFFLOAD_BYTES  # parse in a thread: the loop keeps answering
+            problem = await asyncio.to_thread(infer_problem, *args) if big else infer_problem(*args)
             if problem:
                 model = re.search(r"/models/([^/]+)", path)
                 raise Refusal(400, f"model {model[1]!r}: {problem}" if model else problem)
         elif not self.repository_control and _REPOSITORY_CONTROL.fullmatch(path):
             raise Refusal(403, REPOSITORY_CONTROL_OFF)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             body = await self._body(request)
             await self._check(request, body)
         except Refusal as refusal:
-            return _error(refusal.status, str(refusal))
-        headers = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
-        )
-        headers.popall("Content-Encoding", None)  # decompressed above
-        assert self.session is not None
-        url = URL(self.upstream + request.raw_path, encoded=True)
+            return web.json_response({"error": str(refusal)}, status=refusal.status)
+        skip = HOP_BY_HOP | {"content-encoding"}  # decompressed above
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in skip]
         try:
-            async with self.session.request(
-                request.method, url, data=body or None, headers=headers, allow_redirects=False
-            ) as upstream:
-                payload = await upstream.read()
-        except (ClientError, OSError) as exc:
-            return _error(502, f"tritonserver at {self.upstream} did not answer: {exc!r}")
-        keep = CIMultiDict(
-            (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-        )
-        return web.Response(body=payload, status=upstream.status, headers=keep)
+            status, got, payload = await self.upstream.request(request.method, request.raw_path, headers, body)  # fmt: skip
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            message = f"tritonserver at {self.upstream.address} did not answer: {exc!r}"
+            return web.json_response({"error": message}, status=502)
+        keep = CIMultiDict((k, v) for k, v in got if k.lower() not in HOP_BY_HOP)
+        return web.Response(body=payload, status=status, headers=keep)
 
 
 async def run_guard(
@@ -293,16 +303,12 @@ async def run_guard(
 ) -> None:
     """Serve until SIGTERM/SIGINT; in-flight requests get up to 5 s to finish."""
     guard = Guard(upstream, max_bytes, repository_control)
-    app = web.Application(client_max_size=max_bytes + 1)
-    app.router.add_route("*", "/{tail:.*}", guard.handle, expect_handler=guard.expect)
-    app.on_startup.append(guard.start)
-    app.on_cleanup.append(guard.close)
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False, shutdown_timeout=5)
+    server = web.Server(guard.handle, access_log=None, auto_decompress=False)  # no router
+    runner = web.ServerRunner(server, shutdown_timeout=5)
     await runner.setup()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         note = f"http://{host}:{port} -> http://{upstream}, max request {max_bytes} bytes"
@@ -310,6 +316,7 @@ async def run_guard(
         await stop.wait()
     finally:
         await runner.cleanup()
+        guard.upstream.close()
 
 
 def command(server: TritonServer, upstream_port: int) -> list[str]:
@@ -320,9 +327,7 @@ def command(server: TritonServer, upstream_port: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m serving.http_guard", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser("python -m serving.http_guard", description=__doc__.split(".")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="tritonserver's own HTTP, HOST:PORT")
