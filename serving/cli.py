@@ -245,23 +245,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def add_repository_options(p: argparse.ArgumentParser) -> None:
     """How exported models batch, place and version (``serving.model_configs``)."""
+    from serving.bench import levels_arg as int_list
+
     g = p.add_argument_group("model repository")
     g.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
                    "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
     g.add_argument("--max-batch-size", type=int, default=32)
-    g.add_argument("--preferred-batch-sizes", type=_batch_sizes, default=(8, 16, 32),
+    g.add_argument("--preferred-batch-sizes", type=int_list, default=(8, 16, 32),
                    help="dynamic batching (default 8,16,32)")  # fmt: skip
     g.add_argument("--max-queue-delay-us", type=int, default=5000)
     g.add_argument("--instances", type=int, default=1, help="classifier instances")
