@@ -109,6 +109,7 @@ def _totals(stats: dict) -> Counter:
         out["success"] += int(inference.get("success", {}).get("count", 0))
         for key in SPLIT:
             out[key] += int(inference.get(key, {}).get("ns", 0))
+            out[f"{key}_count"] += int(inference.get(key, {}).get("count", 0))
         out["inference_count"] += int(m.get("inference_count", 0))
         out["execution_count"] += int(m.get("execution_count", 0))
     return out
@@ -119,13 +120,15 @@ async def _server_totals(client: AsyncTritonClassifier, models: list[str]) -> di
 
 
 def server_split(before: dict[str, Counter], after: dict[str, Counter], tensor_model: str):
-    """µs per request of each phase, summed over the models, and the classifier's mean batch."""
+    """Mean µs of each phase per request as Triton counts it (a request in a batch is charged
+    the whole batch's time, as perf_analyzer shows it), summed over the models; and the
+    classifier's mean batch size."""
     split = dict.fromkeys(SPLIT, 0.0)
     for model in after:
         delta = after[model] - before[model]
-        if delta["success"]:
-            for key in SPLIT:
-                split[key] += delta[key] / delta["success"] / 1e3
+        for key in SPLIT:
+            if delta[f"{key}_count"]:
+                split[key] += delta[key] / delta[f"{key}_count"] / 1e3
     d = after[tensor_model] - before[tensor_model]
     split = {f"{k}_us": v for k, v in split.items()}
     split["avg_batch"] = d["inference_count"] / d["execution_count"] if d["execution_count"] else 0

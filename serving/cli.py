@@ -254,12 +254,14 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
                    help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
                    "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
     g.add_argument("--max-batch-size", type=int, default=32)
-    g.add_argument("--preferred-batch-sizes", type=int_list, default=(8, 16, 32),
-                   help="dynamic batching (default 8,16,32)")  # fmt: skip
-    g.add_argument("--max-queue-delay-us", type=int, default=5000)
-    g.add_argument("--instances", type=int, default=1, help="classifier instances")
+    g.add_argument("--preferred-batch-sizes", type=int_list, default=(),
+                   help="dynamic batching (default: none, batches form from what is queued)")  # fmt: skip
+    g.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="dynamic batching wait for more requests (default 0)")  # fmt: skip
+    g.add_argument("--instances", type=int, default=2, help="classifier instances (default 2)")
     g.add_argument("--preprocess-instances", type=int, default=1)
-    g.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime (0: default)")
+    g.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime threads per instance (0: cores / instances)")  # fmt: skip
     g.add_argument("--version-policy", default="latest:1", help="latest:N | all | specific:V,..")
     g.add_argument("--trt-precision", choices=("FP16", "FP32"), default=None,
                    help="--target gpu: the TensorRT accelerator's precision (default FP16)")  # fmt: skip

@@ -46,11 +46,16 @@ class RepositoryOptions:
 
     target: str = "cpu"
     max_batch_size: int = 32
-    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
-    max_queue_delay_us: int = 5000
-    instance_count: int = 1
+    # Defaults measured on 2 CPU cores (benchmarks/results/serving_sweep.md): two classifier
+    # instances of one ORT thread each beat one of two threads, and a queue delay or preferred
+    # sizes only add latency at low load (at concurrency 16 batches of ~4-8 form without them).
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    instance_count: int = 2
     preprocess_instance_count: int = 1
-    intra_op_threads: int = 0  # ONNX Runtime in the Python backend; 0 = its default
+    intra_op_threads: int = (
+        0  # ONNX Runtime per instance; 0 = the serving machine's cores / instances
+    )
     version_policy: str = "latest:1"  # latest:N | all | specific:V[,V...]
     trt_precision: str = "FP16"  # TensorRT accelerator / engine precision on --target gpu
     warmup: bool = True
@@ -69,7 +74,7 @@ class RepositoryOptions:
                 raise ConfigError(f"{field} must be >= 1, got {value}")
         if self.intra_op_threads < 0:
             raise ConfigError(
-                f"intra_op_threads must be >= 0 (0 = ORT default), got {self.intra_op_threads}"
+                f"intra_op_threads must be >= 0 (0 = cores / instances), got {self.intra_op_threads}"
             )
         if self.max_queue_delay_us < 0:
             raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
@@ -142,6 +147,7 @@ def _base(name: str, spec: ModelSpec, opts: RepositoryOptions) -> pb.ModelConfig
 
 def _batching(config: pb.ModelConfig, opts: RepositoryOptions) -> None:
     batching = config.dynamic_batching
+    batching.SetInParent()  # dynamic batching on, even with every field at its default
     sizes = sorted({s for s in opts.preferred_batch_sizes if s <= opts.max_batch_size})
     batching.preferred_batch_size.extend(sizes)
     batching.max_queue_delay_microseconds = opts.max_queue_delay_us

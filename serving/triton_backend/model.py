@@ -5,7 +5,7 @@
 there, so it may import only the standard library, numpy, onnxruntime and
 ``triton_python_backend_utils``. The model config supplies everything else:
 one input, one output, ``max_batch_size`` and the parameters ``onnx_file`` and
-``intra_op_threads`` ("0" = ONNX Runtime's default). Try it through a server::
+``intra_op_threads`` ("0" = this machine's cores divided by the model's instances, at least 1). Try it through a server::
 
     python -c "from pathlib import Path; from serving.server import TritonServer; \
 s = TritonServer(Path('model_repository')); s.start(); s.wait_ready(); print(s.http_url); s.stop()"
@@ -30,6 +30,12 @@ import triton_python_backend_utils as pb_utils
 def _error(message: str, invalid_argument: bool = True):
     code = pb_utils.TritonError.INVALID_ARG if invalid_argument else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _auto_threads(config: dict) -> int:
+    """This machine's usable cores shared out among the model's instances (at least 1)."""
+    instances = sum(int(g.get("count") or 1) for g in config.get("instance_group", [])) or 1
+    return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
 class TritonPythonModel:
@@ -57,7 +63,9 @@ class TritonPythonModel:
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"model {self.model_name}: no ONNX file at {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads") or 0)
+        options.intra_op_num_threads = int(params.get("intra_op_threads") or 0) or _auto_threads(
+            config
+        )
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
             path, sess_options=options, providers=["CPUExecutionProvider"]
