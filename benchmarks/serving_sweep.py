@@ -25,6 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from serving_common import BenchError, measured
+from serving_model import prepare
+from serving_paths import (
+    inprocess_best,
+    inprocess_latency,
+    inprocess_parallel,
+    inprocess_sweep,
+    ort_session,
+    triton_level,
+    triton_server,
+)
 
 HERE = Path(__file__).resolve().parent
 SPIN_OFF = (
@@ -64,7 +75,8 @@ CONFIGS = (
 
 
 def load_bench():
-    """``benchmarks/serving.py`` as a module (its name would hide the serving package)."""
+    """``benchmarks/serving.py`` (for its ``parse_args``) as a module under another name (its
+    own would hide the serving package), then that package unshadowed."""
     spec = importlib.util.spec_from_file_location("serving_bench", HERE / "serving.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["serving_bench"] = module
@@ -73,7 +85,7 @@ def load_bench():
     return module
 
 
-def write_repository(bench, prepared, config: Config, root: Path) -> Path:
+def write_repository(prepared, config: Config, root: Path) -> Path:
     """A repository of ``prepared``'s model with ``config``'s batching and instances."""
     from serving.repository import RepositoryOptions, write_model_set
 
@@ -90,19 +102,19 @@ def write_repository(bench, prepared, config: Config, root: Path) -> Path:
         backend = models.classifier / str(models.version) / "model.py"
         text = backend.read_text()
         if SPIN_OFF[0] not in text:
-            raise bench.BenchError(f"{backend}: cannot find where to turn spinning off")
+            raise BenchError(f"{backend}: cannot find where to turn spinning off")
         backend.write_text(text.replace(*SPIN_OFF, 1))
     return repository
 
 
-def measure(bench, sessions, images, best, url, model, args, config) -> dict:
+def measure(sessions, images, best, url, model, args, config) -> dict:
     args.protocol = config.protocol
     session, singles = sessions
-    a = bench.measured(bench.inprocess_best, session, images, best, args.sweep_s)
-    ap = bench.measured(bench.inprocess_parallel, singles, images, best, args.sweep_s)
-    b = bench.measured(bench.triton_level, url, model, args, args.concurrency)
-    a1 = bench.measured(bench.inprocess_latency, session, images, args.latency_runs)
-    b1 = bench.measured(bench.triton_level, url, model, args, 1)
+    a = measured(inprocess_best, session, images, best, args.sweep_s)
+    ap = measured(inprocess_parallel, singles, images, best, args.sweep_s)
+    b = measured(triton_level, url, model, args, args.concurrency)
+    a1 = measured(inprocess_latency, session, images, args.latency_runs)
+    b1 = measured(triton_level, url, model, args, 1)
     return {
         "served/inprocess": b.throughput / a.throughput,
         "served/parallel": b.throughput / ap.throughput,
@@ -134,23 +146,22 @@ def main() -> int:
     args.duration_s, args.warmup_s, args.sweep_s, args.latency_runs = ours.duration_s, 1, 2, 300
     configs = [c for i, c in enumerate(CONFIGS) if not ours.only or str(i) in ours.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="medimg-serving-sweep-") as tmp:
-        prepared, images = bench.prepare(args, Path(tmp))
-        session = bench.ort_session(prepared.onnx_path)
-        singles = [bench.ort_session(prepared.onnx_path, 1) for _ in range(2)]
-        sweep = bench.inprocess_sweep(session, images, (8, 16, 32, 64), 2.0)
+        prepared, images = prepare(args, Path(tmp))
+        session = ort_session(prepared.onnx_path)
+        singles = [ort_session(prepared.onnx_path, 1) for _ in range(2)]
+        sweep = inprocess_sweep(session, images, (8, 16, 32, 64), 2.0)
         best = max(sweep, key=lambda r: r.throughput).batch_size
         results: dict[str, list[dict]] = {c.name: [] for c in configs}
         with contextlib.ExitStack() as stack:
             urls = {
                 c.name: stack.enter_context(
-                    bench.triton_server(write_repository(bench, prepared, c, Path(tmp)), c.protocol)
+                    triton_server(write_repository(prepared, c, Path(tmp)), c.protocol)
                 )
                 for c in configs
             }
             for p in range(1, ours.passes + 1):
                 for c in configs:
                     r = measure(
-                        bench,
                         (session, singles),
                         images,
                         best,

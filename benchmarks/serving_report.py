@@ -1,0 +1,213 @@
+"""Rounds and reporting of ``benchmarks/serving.py``: one round over every path back to
+back, medians over the quiet rounds, the ratios against their targets, the table, the
+``serving.{json,md}`` files and the ``serving.csv`` row, and the fixed last line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from serving_common import PathResult, measured
+from serving_paths import (
+    inprocess_best,
+    inprocess_latency,
+    inprocess_parallel,
+    naive_level,
+    triton_level,
+)
+
+TARGETS = {"served/inprocess": 0.90, "served/naive": 3.0, "p99c1/inprocess_b1": 1.5}
+
+
+# ---------------------------------------------------------------- rounds
+
+
+@dataclass
+class Round:
+    """One pass over every path, back to back, so machine noise hits them alike."""
+
+    inprocess: PathResult  # best batch
+    inprocess_b1: PathResult
+    served: PathResult  # concurrency N
+    served_c1: PathResult
+    naive: PathResult
+    inprocess_parallel: PathResult  # information: not in the ratios
+
+    def rows(self) -> list[PathResult]:
+        return [
+            self.inprocess,
+            self.inprocess_parallel,
+            self.served,
+            self.naive,
+            self.inprocess_b1,
+            self.served_c1,
+        ]
+
+    def others_cpu(self) -> float:
+        """The most CPU other processes took during any of this round's measurements."""
+        return max(r.others_cpu for r in self.rows())
+
+    def parallel_ratio(self) -> float:
+        return self.served.throughput / self.inprocess_parallel.throughput
+
+    def ratios(self) -> dict[str, float]:
+        return {
+            "served/inprocess": self.served.throughput / self.inprocess.throughput,
+            "served/naive": self.served.throughput / self.naive.throughput,
+            "p99c1/inprocess_b1": self.served_c1.p99_ms / self.inprocess_b1.p99_ms,
+        }
+
+
+def measure_round(
+    sessions: tuple, images: np.ndarray, best: int, urls: tuple[str, str], model: str, args
+) -> Round:
+    """(a) best batch, (a') parallel one-thread sessions, (b) concurrency N, (c) concurrency
+    N, (a) batch 1, (b) concurrency 1."""
+    (session, singles), (triton_url, naive_url) = sessions, urls
+    inprocess = measured(inprocess_best, session, images, best, args.sweep_s)
+    parallel = measured(inprocess_parallel, singles, images, best, args.sweep_s)
+    served = measured(triton_level, triton_url, model, args, args.concurrency)
+    naive = measured(naive_level, naive_url, images[0], args)
+    b1 = measured(inprocess_latency, session, images, args.latency_runs)
+    c1 = measured(triton_level, triton_url, model, args, 1)
+    return Round(inprocess, b1, served, c1, naive, parallel)
+
+
+def median_row(rows: list[PathResult]) -> PathResult:
+    """Median throughput and latencies over rounds; requests and failures summed."""
+    first = rows[0]
+    med = lambda key: float(np.median([getattr(r, key) for r in rows]))  # noqa: E731
+    extra = {k: float(np.median([r.extra.get(k, 0.0) for r in rows])) for k in first.extra}
+    return PathResult(
+        first.path,
+        first.label,
+        first.concurrency,
+        first.batch_size,
+        med("throughput"),
+        med("p50_ms"),
+        med("p99_ms"),
+        sum(r.requests for r in rows),
+        sum(r.failed for r in rows),
+        extra,
+        med("others_cpu"),
+    )
+
+
+def summary_rows(rounds: list[Round]) -> list[PathResult]:
+    fields_ = ("inprocess_b1", "inprocess", "inprocess_parallel", "served_c1", "served", "naive")
+    return [median_row([getattr(r, f) for r in rounds]) for f in fields_]
+
+
+def quiet_rounds(rounds: list[Round], threshold: float) -> list[Round]:
+    """The rounds in which other processes never took more than ``threshold`` cores;
+    all rounds when none was that quiet."""
+    quiet = [r for r in rounds if r.others_cpu() <= threshold]
+    return quiet or rounds
+
+
+def median_ratios(rounds: list[Round]) -> dict[str, float]:
+    per_round = [r.ratios() for r in rounds]
+    return {k: float(np.median([p[k] for p in per_round])) for k in TARGETS}
+
+
+# ---------------------------------------------------------------- report
+
+
+def row_text(row: PathResult) -> str:
+    conc = str(row.concurrency) if row.concurrency else "-"
+    lat = f"{row.p50_ms:7.2f} {row.p99_ms:7.2f}" if row.p50_ms else f"{'-':>7} {'-':>7}"
+    server = ""
+    if row.extra:
+        server = (
+            f"  server: queue {row.extra.get('queue_us', 0) / 1000:.2f} ms, "
+            f"infer {row.extra.get('compute_infer_us', 0) / 1000:.2f} ms, "
+            f"batch {row.extra.get('avg_batch', 0):.1f}"
+        )
+    failed = f"  {row.failed} failed" if row.failed else ""
+    return (
+        f"{row.label:<52} {conc:>4} {row.batch_size:>5} {row.throughput:9.1f} {lat} "
+        f"{row.others_cpu:6.2f}{server}{failed}"
+    )
+
+
+def table(rows: list[PathResult]) -> str:
+    head = (
+        f"{'path':<52} {'conc':>4} {'batch':>5} {'img/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'others':>6}"
+    )
+    note = "others: cores other users' processes kept busy during the measurement (noise)"
+    return "\n".join([head, "-" * len(head), *(row_text(r) for r in rows), note])
+
+
+def ratio_lines(values: dict) -> list[str]:
+    lines = []
+    for key, value in values.items():
+        target = TARGETS[key]
+        ok = value <= target if key.startswith("p99") else value >= target
+        sign = "<=" if key.startswith("p99") else ">="
+        lines.append(
+            f"{key:<20} {value:6.3f}  (target {sign} {target}: {'met' if ok else 'NOT met'})"
+        )
+    return lines
+
+
+def last_line(values: dict) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in values.items())
+
+
+def write_results(out_dir: Path, report: dict, text: str) -> None:
+    """``serving.json`` and ``serving.md`` (this run), one row appended to ``serving.csv``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "serving.md").write_text(text)
+    path = out_dir / "serving.csv"
+    row = {
+        "time": report["time"],
+        "protocol": report["options"]["protocol"],
+        "concurrency": report["options"]["concurrency"],
+        "duration_s": report["options"]["duration_s"],
+        "repository": report["repository_options"],
+        **{k: f"{v:.3f}" for k, v in report["ratios"].items()},
+        "load_before": report["load_average"][0],
+        "load_after": report["load_average"][1],
+    }
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def markdown(report: dict, rows: list[PathResult], lines: list[str]) -> str:
+    body = [
+        f"# benchmarks/serving.py — {report['time']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']}; load average before/after "
+        f"{report['load_average'][0]:.2f} / {report['load_average'][1]:.2f}",
+        "",
+        *(f"- {note}" for note in report["notes"]),
+        "",
+        "| path | concurrency | batch | img/s | p50 ms | p99 ms | others' CPU | "
+        "server queue / infer ms, batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        server = (
+            f"{r.extra.get('queue_us', 0) / 1000:.2f} / "
+            f"{r.extra.get('compute_infer_us', 0) / 1000:.2f}, {r.extra.get('avg_batch', 0):.1f}"
+            if r.extra
+            else ""
+        )
+        lat = (f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}") if r.p50_ms else ("", "")
+        body.append(
+            f"| {r.label} | {r.concurrency or ''} | {r.batch_size} | {r.throughput:.1f} | "
+            f"{lat[0]} | {lat[1]} | {r.others_cpu:.2f} | {server} |"
+        )
+    return "\n".join([*body, "", "```", *lines, "```", ""])
