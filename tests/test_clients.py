@@ -239,14 +239,14 @@ def test_tune_server_writes_the_best_config_that_then_serves(
     bench = BenchOptions(protocol="grpc", model=MODEL, concurrency=(1, 4), duration_s=1.0,
                          warmup_s=0.2)  # fmt: skip
     before, models = current_knobs(repo, MODEL)
-    baseline, trials = sweep(repo, MODEL, bench, space={"max_queue_delay_us": (0,)})
-    assert baseline.knobs == before and len(trials) == 2
+    baseline, trials = sweep(repo, MODEL, bench, space={"max_queue_delay_us": (2000,)})
+    assert baseline.knobs == before and before.max_queue_delay_us != 2000 and len(trials) == 2
     assert all(t.feasible and t.throughput > 0 for t in trials)
-    pick = next(t for t in trials if t.knobs.max_queue_delay_us == 0).knobs
+    pick = next(t for t in trials if t.knobs.max_queue_delay_us == 2000).knobs
     write_best(repo, MODEL, pick)
     for name in models[1:]:
         config = read_config(repo / name)
-        assert config.dynamic_batching.max_queue_delay_microseconds == 0
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
         assert (repo / name / "config.pbtxt.before-tune").is_file()
     assert current_knobs(repo, MODEL)[0] == pick
     image = np.full((40, 40), 90, dtype=np.uint8)

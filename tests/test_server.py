@@ -35,9 +35,18 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
+def server(triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path_factory):
+    """One classifier instance with a 20 ms queue delay, so that concurrent requests meet in
+    the dynamic batcher (the defaults, no delay and two instances, rarely merge on a model
+    this small)."""
+    from serving.model_configs import RepositoryOptions
+    from serving.repository import write_model_set
+
+    repo = tmp_path_factory.mktemp("server_repository")
+    options = RepositoryOptions(max_queue_delay_us=20_000, instance_count=1)
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
     log = tmp_path_factory.mktemp("triton_logs") / "server.log"
-    srv = TritonServer(tiny_classifier_repository, log_file=log, **_ports())
+    srv = TritonServer(repo, log_file=log, **_ports())
     srv.start()
     try:
         srv.wait_ready(timeout=120)
