@@ -36,15 +36,17 @@ from serving.client import (
     client_module,
     config_json,
     default_url,
+    failed,
     finish_batch,
     join,
     prepare_batch,
     ready_names,
     request_for,
+    serving_error,
 )
 from serving.inputs import Item
 from serving.model_configs import IMAGE_INPUT
-from training.errors import ServingError
+from training.errors import RequestRefused, ServingError
 
 
 class AsyncTritonClassifier:
@@ -74,7 +76,7 @@ class AsyncTritonClassifier:
                 f"{self.url} ({self.protocol}): {what}: no answer in {self.timeout_s:.0f} s"
             ) from exc
         except Exception as exc:
-            raise ServingError(f"{self.url} ({self.protocol}): {what} failed: {exc}") from exc
+            raise serving_error(f"{self.url} ({self.protocol}): {what} failed: {exc}", exc) from exc
 
     async def connect(self) -> AsyncTritonClassifier:
         try:
@@ -161,12 +163,14 @@ class AsyncTritonClassifier:
         if payloads:
             try:
                 probs = dict(zip(payloads, await self.send(join(payloads.values())), strict=True))
-            except ServingError:  # one bad file refuses the batch: retry one by one
+            except RequestRefused:  # one bad file refuses the batch: retry one by one
                 for i, payload in payloads.items():
                     try:
                         probs[i] = (await self.send(join([payload])))[0]
                     except ServingError as exc:
                         results[i] = Prediction(batch[i].name, error=f"{batch[i].name}: {exc}")
+            except ServingError as exc:  # the server, not the input: every item fails
+                results.update(failed(batch, payloads, exc))
         return finish_batch(batch, probs, results, c)
 
     async def classify_all(

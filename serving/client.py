@@ -26,7 +26,7 @@ import numpy as np
 
 from serving.inputs import Item, file_items
 from serving.model_configs import IMAGE_INPUT, SPEC_PARAMETER
-from training.errors import DataError, MedimgError, ServingError
+from training.errors import DataError, MedimgError, RequestRefused, ServingError
 from training.spec import ModelSpec
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -64,6 +64,14 @@ class Prediction:
         if self.error:
             return f"{self.file}\tERROR\t{self.error}"
         return f"{self.file}\t{self.label}\t{self.probability:.4f}"
+
+
+def serving_error(message: str, exc: Exception) -> ServingError:
+    """:class:`RequestRefused` when the server refused the input (HTTP 4xx, gRPC
+    INVALID_ARGUMENT), else :class:`ServingError` (unreachable, timed out, server error)."""
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    refused = str(status).startswith("4") or status == "StatusCode.INVALID_ARGUMENT"
+    return (RequestRefused if refused else ServingError)(message)
 
 
 def _param(config: dict, key: str) -> str:
@@ -179,6 +187,10 @@ def join(payloads: Iterable[Any]) -> np.ndarray:
     return bytes_batch(payloads)
 
 
+def failed(batch: Sequence[Item], payloads: dict[int, Any], exc: Exception) -> dict:
+    return {i: Prediction(batch[i].name, error=f"{batch[i].name}: {exc}") for i in payloads}
+
+
 def finish_batch(
     batch: Sequence[Item],
     probs: dict[int, np.ndarray],
@@ -235,7 +247,7 @@ class TritonClassifier:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            raise ServingError(f"{self.url} ({self.protocol}): {what} failed: {exc}") from exc
+            raise serving_error(f"{self.url} ({self.protocol}): {what} failed: {exc}", exc) from exc
 
     def _only_ensemble(self) -> str:
         """The one medimg ensemble ready on the server (its steps are not candidates)."""
@@ -302,12 +314,14 @@ class TritonClassifier:
             if payloads:
                 try:
                     probs = dict(zip(payloads, self._send(join(payloads.values())), strict=True))
-                except ServingError:
+                except RequestRefused:  # one bad file refuses the batch: retry one by one
                     for i, payload in payloads.items():
                         try:
                             probs[i] = self._send(join([payload]))[0]
                         except ServingError as exc:
                             results[i] = Prediction(batch[i].name, error=f"{batch[i].name}: {exc}")
+                except ServingError as exc:  # the server, not the input: every item fails
+                    results.update(failed(batch, payloads, exc))
             yield from finish_batch(batch, probs, results, self.contract)
 
     def classify_files(self, files: Sequence[str | Path]) -> Iterator[Prediction]:

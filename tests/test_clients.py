@@ -14,6 +14,7 @@ import json
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +237,8 @@ def test_tune_server_writes_the_best_config_that_then_serves(
 ) -> None:
     repo = tmp_path / "repository"
     shutil.copytree(tiny_classifier_repository, repo)
-    bench = BenchOptions(protocol="grpc", model=MODEL, concurrency=(1, 4), duration_s=1.0,
-                         warmup_s=0.2)  # fmt: skip
+    bench = BenchOptions(protocol="grpc", model=MODEL, concurrency=(1, 4), duration_s=0.6,
+                         warmup_s=0.1)  # fmt: skip
     before, models = current_knobs(repo, MODEL)
     baseline, trials = sweep(repo, MODEL, bench, space={"max_queue_delay_us": (2000,)})
     assert baseline.knobs == before and before.max_queue_delay_us != 2000 and len(trials) == 2
@@ -298,3 +299,41 @@ def test_bench_through_shared_memory_cleans_up(server) -> None:
     with pytest.raises(Exception, match="needs a tensor model"):
         run_bench(BenchOptions(url=server["grpc"], protocol="grpc", model=MODEL,
                                concurrency=(1,), duration_s=0.2, shared_memory=True))  # fmt: skip
+
+
+def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
+    tiny_classifier_repository, folder, triton_cache_dir
+) -> None:
+    """A refused batch (a bad file) is retried item by item; a dead server is not: every
+    item fails at once with the connection error."""
+    items = collect_items([folder])[0] * 5
+
+    async def go(url: str, server: TritonServer):
+        async with AsyncTritonClassifier(url, "grpc", timeout_s=20) as client:
+            server.stop()
+            started = time.monotonic()
+            preds = await client.classify_all(items, batch_size=4)
+            return preds, time.monotonic() - started
+
+    server = TritonServer(tiny_classifier_repository, **_ports())
+    with server:
+        preds, seconds = asyncio.run(go(server.grpc_url, server))
+    assert len(preds) == 40 and all(p.error for p in preds)
+    assert all(server.grpc_url in p.error for p in preds)
+    assert seconds < 10, seconds
+
+
+@pytest.mark.parametrize(
+    ("status", "refused"),
+    [("400", True), ("413", True), ("StatusCode.INVALID_ARGUMENT", True),
+     ("StatusCode.UNAVAILABLE", False), ("502", False), (None, False)],
+)  # fmt: skip
+def test_only_refused_input_counts_as_the_items_fault(status, refused) -> None:
+    """What decides between retrying a batch item by item and failing it whole."""
+    from tritonclient.utils import InferenceServerException
+
+    from serving.client import serving_error
+    from training.errors import RequestRefused
+
+    error = serving_error("x", InferenceServerException("msg", status=status))
+    assert isinstance(error, ServingError) and isinstance(error, RequestRefused) == refused

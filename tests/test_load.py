@@ -25,7 +25,7 @@ from serving.server import TritonServer
 
 pytestmark = pytest.mark.timeout(180)
 CLIENTS = {"http": 4, "grpc": 4}
-WARMUP_S, MEASURE_S = 4.0, 11.0
+WARMUP_S, MEASURE_S = 3.0, 8.0
 RSS_MARGIN = 64 << 20  # bytes the server may grow after warmup (allocator arenas, caches)
 
 

@@ -51,6 +51,7 @@ class Traffic(threading.Thread):
             client.close()
 
 
+@pytest.mark.slow  # an export of its own (~1 min) under traffic; the default suite stays < 10 min
 def test_publish_switches_versions_with_zero_failed_requests(
     trained, exported, medimg_cmd, triton_cache_dir, tmp_path
 ):

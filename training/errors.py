@@ -33,3 +33,8 @@ class ExportError(MedimgError):
 
 class ServingError(MedimgError):
     """The Triton server cannot start, or a client cannot reach or use it."""
+
+
+class RequestRefused(ServingError):
+    """The server answered a request with a client error (HTTP 4xx, gRPC INVALID_ARGUMENT):
+    the input is at fault, not the connection."""
