@@ -241,19 +241,13 @@ def reuse_model(args: argparse.Namespace, workdir: Path) -> Prepared:
 
 def sample_images(spec, dataset: str, data_dir: str, count: int) -> np.ndarray:
     """``count`` real validation images, preprocessed (repeated if the split is smaller)."""
-    from training.data import prepare_split
+    from dataclasses import replace
 
-    split = prepare_split(
-        dataset,
-        "val",
-        data_dir,
-        image_size=spec.image_size,
-        max_samples=count,
-        mean=spec.mean,
-        std=spec.std,
-    )
-    reps = -(-count // len(split.x))
-    return np.ascontiguousarray(np.concatenate([split.x] * reps)[:count], dtype=np.float32)
+    from serving.export import parity_images
+
+    images = parity_images(replace(spec, dataset=dataset), data_dir, count)
+    reps = -(-count // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:count], dtype=np.float32)
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Prepared, np.ndarray]:

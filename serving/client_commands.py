@@ -62,7 +62,7 @@ def _progress(total: int, desc: str):
 class ClientRun:
     items: list[Item]
     predictions: list[Prediction]  # one per item, in order; failed ones carry .error
-    errors: list[str]  # paths that gave no item, then failed items
+    path_errors: list[str]  # paths that gave no item (a missing split, an empty directory)
     contract: ModelContract
 
     @property
@@ -70,8 +70,12 @@ class ClientRun:
         return [p for p in self.predictions if not p.error]
 
     @property
+    def errors(self) -> list[str]:
+        return self.path_errors + [p.error for p in self.predictions if p.error]
+
+    @property
     def total(self) -> int:
-        return len(self.predictions) + len(self.errors) - (len(self.predictions) - len(self.ok))
+        return len(self.predictions) + len(self.path_errors)
 
 
 def run_client(
@@ -98,9 +102,7 @@ def run_client(
             return preds, contract
 
     predictions, contract = asyncio.run(go())
-    return ClientRun(
-        items, predictions, errors + [p.error for p in predictions if p.error], contract
-    )
+    return ClientRun(items, predictions, errors, contract)
 
 
 def finish(errors: Sequence[str], total: int) -> int:

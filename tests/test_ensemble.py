@@ -16,12 +16,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from test_preprocess_backend import dicom_without_pixels, encoded
-from triton_fixtures import MODEL, _ports, export_tiny_onnx
+from triton_fixtures import MODEL, export_tiny_onnx, running_server
 from tritonclient.utils import InferenceServerException
 
 from serving.model_configs import RepositoryOptions
 from serving.repository import write_model_set
-from serving.server import TritonServer
 from training.images import read_image_bytes
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,13 +58,7 @@ def server(triton_cache_dir, tmp_path_factory, tiny_classifier_spec, tiny_classi
         write_model_set(repo, spec, tiny_classifier_onnx, opts)  # version 1
         write_model_set(repo, spec, onnx_v2, opts)  # version 2
     log = tmp_path_factory.mktemp("ensemble_logs") / "server.log"
-    srv = TritonServer(repo, log_file=log, extra_args=["--log-verbose=1"], **_ports())
-    srv.start()
-    try:
-        srv.wait_ready(timeout=180)
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_server(repo, log, extra_args=["--log-verbose=1"])
 
 
 def session_for(path: Path):

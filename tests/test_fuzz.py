@@ -26,13 +26,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from test_ensemble import in_process, infer_bytes
 from test_preprocess_backend import encoded
-from triton_fixtures import MODEL, _ports
+from triton_fixtures import MODEL, running_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.model_configs import RepositoryOptions
 from serving.repository import write_model_set
-from serving.server import TritonServer
 from training.images import read_image_bytes
 
 pytestmark = pytest.mark.timeout(240)
@@ -49,13 +48,7 @@ def server(triton_cache_dir, tmp_path_factory, tiny_classifier_spec, tiny_classi
     write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx,
                     RepositoryOptions(max_image_bytes=MAX_IMAGE))  # fmt: skip
     log = tmp_path_factory.mktemp("fuzz_logs") / "server.log"
-    srv = TritonServer(repo, log_file=log, max_request_bytes=MAX_REQUEST, **_ports())
-    srv.start()
-    try:
-        srv.wait_ready(timeout=180)
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_server(repo, log, max_request_bytes=MAX_REQUEST)
 
 
 def tensor(name: str, shape: list, datatype: str, data: object = None, **params) -> dict:

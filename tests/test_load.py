@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from test_ensemble import in_process, infer_bytes
 from test_preprocess_backend import encoded
-from triton_fixtures import MODEL, _ports
+from triton_fixtures import MODEL, running_server
 
 from serving.server import TritonServer
 
@@ -32,13 +32,7 @@ RSS_MARGIN = 64 << 20  # bytes the server may grow after warmup (allocator arena
 @pytest.fixture(scope="module")
 def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("load_logs") / "server.log"
-    srv = TritonServer(tiny_classifier_repository, log_file=log, **_ports())
-    srv.start()
-    try:
-        srv.wait_ready(timeout=180)
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_server(tiny_classifier_repository, log)
 
 
 def server_rss(server: TritonServer) -> int:

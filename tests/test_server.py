@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from triton_fixtures import MODEL, _children, _ports
+from triton_fixtures import MODEL, _children, _ports, running_server
 from tritonclient.utils import InferenceServerException
 
 from serving.server import TritonServer, port_in_use
@@ -46,13 +46,7 @@ def server(triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_pat
     options = RepositoryOptions(max_queue_delay_us=20_000, instance_count=1)
     write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
     log = tmp_path_factory.mktemp("triton_logs") / "server.log"
-    srv = TritonServer(repo, log_file=log, **_ports())
-    srv.start()
-    try:
-        srv.wait_ready(timeout=120)
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_server(repo, log)
 
 
 @pytest.fixture(scope="module")

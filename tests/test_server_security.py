@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
-from triton_fixtures import MODEL, _ports
+from triton_fixtures import MODEL, _ports, running_server
 from tritonclient.utils import InferenceServerException
 
 from serving import cli
@@ -49,13 +49,7 @@ def request(url: str, method: str = "GET", data: bytes | None = None) -> tuple[i
 @pytest.fixture(scope="module")
 def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("security_logs") / "server.log"
-    srv = TritonServer(tiny_classifier_repository, log_file=log, **_ports())
-    srv.start()
-    try:
-        srv.wait_ready(timeout=180)
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_server(tiny_classifier_repository, log)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "example.org", "interface"])

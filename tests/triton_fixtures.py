@@ -25,6 +25,7 @@ __all__ = [
     "_processes",
     "export_tiny_onnx",
     "fake_pb_utils",
+    "running_server",
     "tiny_classifier_onnx",
     "tiny_classifier_repository",
     "tiny_classifier_spec",
@@ -44,6 +45,20 @@ def _ports() -> dict[str, int]:
         ports.add(find_free_port())
     http, grpc, metrics = sorted(ports)
     return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+
+
+def running_server(repository: Path, log: Path, **options):
+    """A tritonserver on free loopback ports for a fixture to ``yield from``: ready (a loaded
+    machine gets 180 s), stopped by its PID afterwards. ``options`` go to TritonServer."""
+    from serving.server import TritonServer
+
+    srv = TritonServer(repository, log_file=log, **options, **_ports())
+    srv.start()
+    try:
+        srv.wait_ready(timeout=180)
+        yield srv
+    finally:
+        srv.stop()
 
 
 def _processes(field: int, value: int) -> list[int]:
