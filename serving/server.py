@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from serving import http_guard
+from serving import http_guard, repository_token
 from serving.http_guard import DEFAULT_MAX_REQUEST_BYTES
 from serving.repository import CONFIG_FILE
 from serving.triton_home import prepare_server_home, server_env
@@ -43,6 +43,7 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # *and idle keep-alive HTTP connections*, then exits with code 1. Keep it well under stop()'s
 # timeout so the server ends by itself, not by SIGKILL. Override with extra_args.
 EXIT_TIMEOUT_S = 5
+SHM_ROOT = Path("/dev/shm")  # where POSIX shm_open() regions live on Linux
 _PR_SET_PDEATHSIG = 1
 _DETACHED = {"stdin": subprocess.DEVNULL, "stderr": subprocess.STDOUT, "start_new_session": True}
 
@@ -75,6 +76,23 @@ def is_loopback(host: str) -> bool:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def remove_shm_regions(prefix: str, root: Path = SHM_ROOT) -> list[str]:
+    """Remove the Python backend's shared-memory regions named ``prefix*`` that a stopped
+    server left behind (a clean exit removes them; SIGKILL or a crash does not, and each
+    holds 1 MiB or more of RAM until reboot). Only for a prefix unique to one stopped
+    server: :class:`TritonServer` makes one per instance. Returns the names removed."""
+    if not prefix or "/" in prefix:
+        raise ConfigError(f"shared-memory prefix must be a plain file-name prefix, got {prefix!r}")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in root.iterdir():
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
 
 
 def _terminate(process: subprocess.Popen | None, timeout: float, *, group: bool) -> None:
@@ -137,6 +155,13 @@ class TritonServer:
         self._process: subprocess.Popen | None = None
         self._guard: subprocess.Popen | None = None  # serving.http_guard
         self._triton_http_port = http_port  # Triton's own HTTP: private behind the guard
+        # Private shared-memory regions: two servers on one machine must not share them.
+        self.shm_prefix = f"medimg{os.getpid()}-{secrets.token_hex(4)}_"
+        self.leaked_shm: list[str] = []  # regions a killed server left, removed by stop()
+        # explicit mode: load/unload need this secret (serving.repository_token)
+        explicit = model_control_mode == "explicit"
+        self.repository_token = repository_token.new_token() if explicit else ""
+        self.token_file: Path | None = None  # where start() wrote it
 
     @property
     def pid(self) -> int | None:
@@ -195,9 +220,14 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--model-control-mode={self.model_control_mode}",
-            # Private shared-memory regions: two servers on one machine must not share them.
-            f"--backend-config=python,shm-region-prefix-name=medimg{os.getpid()}-{secrets.token_hex(4)}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+        if self.repository_token:
+            restricted = f"model-repository:{repository_token.HEADER}={self.repository_token}"
+            args += [
+                f"--http-restricted-api={restricted}",
+                f"--grpc-restricted-protocol={restricted}",
+            ]
         given = {a.split("=")[0] for a in self.extra_args}
         if self.model_control_mode == "explicit" and "--load-model" not in given:
             args.append("--load-model=*")
@@ -230,10 +260,20 @@ class TritonServer:
             os.close(fd)
             self.log_path, self._own_log = Path(name), True
         self._guard = None
+        if self.repository_token:
+            path = repository_token.token_path(repo, self.http_port)
+            try:
+                self.token_file = repository_token.write_token(path, self.repository_token)
+            except OSError as exc:
+                raise ServingError(
+                    f"explicit model control: cannot write the repository token to {path}: "
+                    f"{exc} (the repository must be writable by this user)"
+                ) from exc
         try:
             self._process = self._spawn(self.command(home), env=server_env(), cwd=home)
             if self.http_guard:  # on host:http_port, in front of Triton's private HTTP port
-                self._guard = self._spawn(http_guard.command(self, self._triton_http_port))
+                env = {**os.environ, repository_token.ENV: self.repository_token}
+                self._guard = self._spawn(http_guard.command(self, self._triton_http_port), env=env)
         except OSError as exc:
             if self.running():
                 self.stop()
@@ -279,7 +319,8 @@ class TritonServer:
             time.sleep(0.2)
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM the HTTP guard, then tritonserver (SIGKILL to its group after ``timeout`` s)."""
+        """SIGTERM the HTTP guard, then tritonserver (SIGKILL to its group after ``timeout`` s);
+        then remove the shared-memory regions a killed or crashed server left behind."""
         process, guard = self._process, self._guard
         if process is None:
             raise ServingError("tritonserver was not started")
@@ -290,6 +331,9 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)  # our session; gone if none are left
         if self._own_log and self.log_path is not None and process.returncode == 0:
             self.log_path.unlink(missing_ok=True)
+        self.leaked_shm = remove_shm_regions(self.shm_prefix)
+        if self.token_file is not None:
+            self.token_file.unlink(missing_ok=True)
         return process.returncode
 
     def __enter__(self) -> TritonServer:

@@ -93,6 +93,28 @@ def test_stop_returns_zero_and_frees_the_ports(triton_cache_dir, tiny_classifier
     for port in ports.values():
         assert not port_in_use("127.0.0.1", port)
     assert server.stop() == 0  # idempotent
+    assert server.leaked_shm == []  # a clean exit removes its own regions
+
+
+def test_killed_server_leaves_no_shared_memory(triton_cache_dir, tiny_classifier_repository):
+    """SIGKILL (a crash, the OOM killer) skips Triton's own cleanup of the Python backend's
+    /dev/shm regions; stop() removes what this server left, and nothing of another's."""
+    shm = Path("/dev/shm")
+    bystander = shm / "medimg0-bystander_region"  # another server's: a different prefix
+    bystander.write_bytes(b"x")
+    try:
+        server = TritonServer(tiny_classifier_repository, **_ports())
+        with server:
+            ours = sorted(p.name for p in shm.glob(server.shm_prefix + "*"))
+            assert ours, f"no region named {server.shm_prefix}* while serving"
+            os.killpg(server.pid, signal.SIGKILL)  # the server and its backend stubs
+            server._process.wait(timeout=30)
+            assert sorted(p.name for p in shm.glob(server.shm_prefix + "*")) == ours  # leaked
+        assert sorted(server.leaked_shm) == ours
+        assert not list(shm.glob(server.shm_prefix + "*"))
+        assert bystander.exists()
+    finally:
+        bystander.unlink(missing_ok=True)
 
 
 def test_prepare_server_home_concurrently(tmp_path):
