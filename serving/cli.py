@@ -301,6 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"metrics {server.metrics_url}",
             flush=True,
         )
+        if server.token_file is not None:
+            print(
+                f"model load/unload need the repository token in {server.token_file} "
+                "(medimg publish --url reads it there)",
+                flush=True,
+            )
 
     return serve_foreground(_server(args), on_ready=ready)
 

@@ -9,7 +9,10 @@ bodies above ``--max-request-bytes`` (413; gzip/deflate bodies are inflated here
 limit); infer requests with malformed JSON, shapes that are no list of non-negative integers,
 unknown datatypes, declared sizes (prod(shape) x element size, BYTES 4) above the limit, JSON
 data of another element count or type, missing binary data, or wrongly typed ids, parameters
-or outputs (400); repository load/unload unless ``--model-control-mode explicit`` (403)::
+or outputs (400); repository load/unload unless ``--model-control-mode explicit`` and the
+request carries the repository token (403; :mod:`serving.repository_token`, given to the
+guard in ``$MEDIMG_REPOSITORY_TOKEN``, which the guard adds to the other repository
+requests, such as the index, so these stay open)::
 
     python -m serving.http_guard --host 127.0.0.1 --port 8000 --upstream 127.0.0.1:18000
 """
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+from serving import repository_token
 
 if TYPE_CHECKING:
     from serving.server import TritonServer
@@ -48,6 +54,9 @@ PARAMETER_TYPES = {"binary_data": _BOOL, "binary_data_output": _BOOL, "sequence_
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 HOP_BY_HOP |= {"transfer-encoding", "content-length", "host", "expect"}  # aiohttp sets these
 OFFLOAD_BYTES = 1 << 20  # infer headers above this are checked in a worker thread
+TOKEN_MISSING = ("model load/unload on this server needs the header {header}: the token the "
+                 "server wrote to <repository>/{prefix}<http port> (medimg publish --url "
+                 "reads it there, or from ${env})")  # fmt: skip
 REPOSITORY_CONTROL_OFF = ("model load/unload through the repository API is off; start the "
                           "server with --model-control-mode explicit to allow it")  # fmt: skip
 _REPOSITORY_CONTROL = re.compile(r"/v2/repository/.*/(load|unload)/*")
@@ -233,9 +242,11 @@ class Upstream:
 class Guard:
     """The aiohttp handlers; ``upstream`` is Triton's own HTTP address, ``host:port``."""
 
-    def __init__(self, upstream: str, max_bytes: int, repository_control: bool) -> None:
+    def __init__(
+        self, upstream: str, max_bytes: int, repository_control: bool, token: str = ""
+    ) -> None:
         self.upstream, self.max_bytes = Upstream(upstream), max_bytes
-        self.repository_control = repository_control
+        self.repository_control, self.token = repository_control, token
 
     def _too_large(self, size: int, what: str = "request body") -> Refusal:
         limit = f"the limit of {self.max_bytes} bytes (--max-request-bytes)"
@@ -278,8 +289,14 @@ class Guard:
             if problem:
                 model = re.search(r"/models/([^/]+)", path)
                 raise Refusal(400, f"model {model[1]!r}: {problem}" if model else problem)
-        elif not self.repository_control and _REPOSITORY_CONTROL.fullmatch(path):
-            raise Refusal(403, REPOSITORY_CONTROL_OFF)
+        elif _REPOSITORY_CONTROL.fullmatch(path):
+            if not self.repository_control:
+                raise Refusal(403, REPOSITORY_CONTROL_OFF)
+            if self.token and not repository_token.matches(
+                request.headers.get(repository_token.HEADER), self.token
+            ):
+                raise Refusal(403, TOKEN_MISSING.format(header=repository_token.HEADER,
+                              prefix=repository_token.FILE_PREFIX, env=repository_token.ENV))  # fmt: skip
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -287,8 +304,10 @@ class Guard:
             await self._check(request, body)
         except Refusal as refusal:
             return web.json_response({"error": str(refusal)}, status=refusal.status)
-        skip = HOP_BY_HOP | {"content-encoding"}  # decompressed above
+        skip = HOP_BY_HOP | {"content-encoding", repository_token.HEADER}  # decompressed above
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in skip]
+        if self.token and request.path.startswith("/v2/repository"):  # load/unload checked above
+            headers.append((repository_token.HEADER, self.token))
         try:
             status, got, payload = await self.upstream.request(request.method, request.raw_path, headers, body)  # fmt: skip
         except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -299,10 +318,10 @@ class Guard:
 
 
 async def run_guard(
-    host: str, port: int, upstream: str, max_bytes: int, repository_control: bool
+    host: str, port: int, upstream: str, max_bytes: int, repository_control: bool, token: str = ""
 ) -> None:
     """Serve until SIGTERM/SIGINT; in-flight requests get up to 5 s to finish."""
-    guard = Guard(upstream, max_bytes, repository_control)
+    guard = Guard(upstream, max_bytes, repository_control, token)
     server = web.Server(guard.handle, access_log=None, auto_decompress=False)  # no router
     runner = web.ServerRunner(server, shutdown_timeout=5)
     await runner.setup()
@@ -336,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         explicit = args.model_control_mode == "explicit"
+        token = os.environ.get(repository_token.ENV, "") if explicit else ""
         asyncio.run(
-            run_guard(args.host, args.port, args.upstream, args.max_request_bytes, explicit)
+            run_guard(args.host, args.port, args.upstream, args.max_request_bytes, explicit, token)
         )
     except OSError as exc:  # e.g. the port is taken
         print(f"medimg http guard: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)

@@ -10,7 +10,9 @@ next version, and onto a running server with no downtime.
 3. With ``--url``, ask a server started with ``--model-control-mode explicit`` to load
    the models through Triton's repository API, steps before the ensemble. Triton loads
    the new version beside the old one, routes new requests to it once it is ready and
-   unloads the old one after its in-flight requests finish::
+   unloads the old one after its in-flight requests finish. Load requests carry the
+   server's repository token (:mod:`serving.repository_token`), read from the file the
+   server wrote into a local repository or from ``$MEDIMG_REPOSITORY_TOKEN``::
 
     medimg serve --model-control-mode explicit &
     medimg publish --model pneumoniamnist-densenet121@champion --url 127.0.0.1:8000
@@ -23,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving import repository_token
 from serving.export import ExportReport, export_model
 from serving.model_configs import RepositoryOptions, classifier_name, preprocess_name
 from serving.repository import next_version
@@ -97,7 +100,8 @@ def publish(
         report = export_model(loaded, local, data_dir=data_dir, options=options, version=version)
     published = Published(what, repository, names, version, report)
     if url:
-        published.serving = load_on_server(url, names, version)
+        token = repository_token.find_token(repository, url)
+        published.serving = load_on_server(url, names, version, token=token)
     return published
 
 
@@ -121,9 +125,13 @@ def check_server(url: str, timeout_s: float = 10) -> None:
         raise ServingError(f"Triton at {url} is not live; nothing was published")
 
 
-def load_on_server(url: str, names: list[str], version: int, timeout_s: float = 300) -> list[int]:
+def load_on_server(
+    url: str, names: list[str], version: int, timeout_s: float = 300, *, token: str | None = None
+) -> list[int]:
     """Load ``names`` (in order) through the repository API of the server at ``url``
-    (HTTP, ``HOST:PORT``); returns the versions of the classifier now ready there."""
+    (HTTP, ``HOST:PORT``), sending the repository ``token`` of a server in explicit mode
+    (:mod:`serving.repository_token`); returns the versions of the classifier now ready there."""
+    headers = {repository_token.HEADER: token} if token else None
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -133,10 +141,15 @@ def load_on_server(url: str, names: list[str], version: int, timeout_s: float = 
     try:
         for name in names:
             try:
-                client.load_model(name)
+                client.load_model(name, headers=headers)
             except InferenceServerException as exc:
                 hint = ""
-                if "explicit" in str(exc) or "not allowed" in str(exc):
+                if repository_token.HEADER in str(exc) and not token:
+                    hint = (
+                        f" (no repository token: run publish where the server's repository "
+                        f"is, or set ${repository_token.ENV})"
+                    )
+                elif "explicit" in str(exc) or "not allowed" in str(exc):
                     hint = (
                         " (the server must run with --model-control-mode explicit; "
                         "a polling server picks the new version up by itself)"
@@ -146,7 +159,7 @@ def load_on_server(url: str, names: list[str], version: int, timeout_s: float = 
                     f"{exc.message() or exc}{hint}; the versions it served before still serve"
                 ) from exc
         classifier = names[1]
-        ready = serving_versions(client, classifier)
+        ready = serving_versions(client, classifier, headers)
         if version not in ready:
             raise ServingError(
                 f"Triton at {url}: {classifier!r} loaded but version {version} is not ready "
@@ -159,9 +172,9 @@ def load_on_server(url: str, names: list[str], version: int, timeout_s: float = 
         client.close()
 
 
-def serving_versions(client, model: str) -> list[int]:
+def serving_versions(client, model: str, headers: dict | None = None) -> list[int]:
     """Versions of ``model`` the server reports READY (repository index)."""
-    index = client.get_model_repository_index()
+    index = client.get_model_repository_index(headers=headers)
     return sorted(
         int(entry["version"])
         for entry in index

@@ -1,7 +1,7 @@
 """Where the server listens and what its repository API allows: loopback unless a public
 address is asked for explicitly (``--host`` on the command line, ``allow_public=True``),
-and model load/unload only in ``--model-control-mode explicit`` while the index, metadata
-and configs stay readable. Checked against real servers; no public address is bound::
+and model load/unload only in ``--model-control-mode explicit``, with the server's
+repository token, while the index, metadata and configs stay readable. Checked against real servers; no public address is bound::
 
     python -m pytest tests/test_server_security.py -q
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from triton_fixtures import MODEL, _ports, running_server
 from tritonclient.utils import InferenceServerException
 
-from serving import cli
+from serving import cli, repository_token
 from serving.server import TritonServer
 from training.errors import ConfigError
 
@@ -37,10 +38,13 @@ def interface_addresses() -> list[str]:
     ]
 
 
-def request(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, bytes]:
+def request(
+    url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with opener.open(urllib.request.Request(url, data=data, method=method), timeout=30) as r:
+        with opener.open(req, timeout=30) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -123,14 +127,49 @@ def test_repository_control_is_off_by_default_but_reading_works(server):
         client.close()
 
 
-def test_explicit_mode_loads_and_unloads_through_the_guard(triton_cache_dir, tiny_classifier_repository):  # fmt: skip
+def test_explicit_mode_loads_and_unloads_only_with_the_token(triton_cache_dir, tiny_classifier_repository):  # fmt: skip
+    """Load/unload need the server's repository token over HTTP (guard or Triton's private
+    port: no bypass) and gRPC; a cross-site form POST cannot carry it; the index stays open
+    through the guard; the token file is the owner's only and goes with the server."""
     onnx = f"{MODEL}_onnx"
     with TritonServer(tiny_classifier_repository, model_control_mode="explicit", **_ports()) as srv:
         assert srv.guard_pid is not None
-        status, body = request(f"{srv.http_url}/v2/repository/models/{MODEL}/unload", "POST", b"{}")
+        token = repository_token.find_token(tiny_classifier_repository, srv.http_url)
+        assert token == srv.repository_token and len(token) >= 32
+        assert stat.S_IMODE(srv.token_file.stat().st_mode) == 0o600
+        unload = f"{srv.http_url}/v2/repository/models/{MODEL}/unload"
+        private = f"http://127.0.0.1:{srv._triton_http_port}/v2/repository/models/{MODEL}/unload"
+        for url, headers in (
+            (unload, {}),  # what a web page's form POST can send
+            (unload, {repository_token.HEADER: token[:-1] + "x"}),
+            (private, {}),  # Triton's own port, behind the guard
+        ):
+            status, body = request(url, "POST", b"{}", headers)
+            assert status in (400, 403), (url, headers, status, body)
+            assert repository_token.HEADER in body.decode(), body
+            assert request(f"{srv.http_url}/v2/models/{MODEL}/ready")[0] == 200  # still there
+        status, body = request(f"{srv.http_url}/v2/repository/index", "POST", b"{}")
+        assert status == 200 and {m["name"] for m in json.loads(body)} >= {MODEL, onnx}
+
+        status, body = request(unload, "POST", b"{}", {repository_token.HEADER: token})
         assert status == 200, body
         assert request(f"{srv.http_url}/v2/models/{MODEL}/ready")[0] == 400
-        status, body = request(f"{srv.http_url}/v2/repository/models/{MODEL}/load", "POST", b"{}")
+        load = f"{srv.http_url}/v2/repository/models/{MODEL}/load"
+        status, body = request(load, "POST", b"{}", {repository_token.HEADER: token})
         assert status == 200, body
         assert request(f"{srv.http_url}/v2/models/{MODEL}/ready")[0] == 200
         assert request(f"{srv.http_url}/v2/models/{onnx}/ready")[0] == 200
+
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match=repository_token.HEADER):
+                client.unload_model(MODEL)
+            assert client.is_model_ready(MODEL)
+            client.unload_model(MODEL, headers={repository_token.GRPC_HEADER: token})
+            assert not client.is_model_ready(MODEL)
+            client.load_model(MODEL, headers={repository_token.GRPC_HEADER: token})
+            assert client.is_model_ready(MODEL)
+        finally:
+            client.close()
+        token_file = srv.token_file
+    assert not token_file.exists()
