@@ -10,10 +10,14 @@
     by an asyncio aiohttp client with the same concurrency and duration as (b).
 
 After the batch-size sweep both servers stay up and ``--rounds`` rounds run every path
-back to back, so noise from other people's work hits them alike; each measurement
-records how many cores processes outside this benchmark kept busy meanwhile, and the
-ratios are the medians over the rounds where that stayed under ``--quiet-cpu`` (all
-rounds when none did). (a') -- one-thread sessions side by side in process, what two
+back to back, so noise from other people's work hits them alike: in every round (a) runs
+right before and right after (b) at concurrency N, and in-process batch-1 latency right
+before and after (b) at concurrency 1, so a drift of the machine's speed cancels. Each
+measurement records how many cores processes outside this benchmark kept busy meanwhile;
+throughput ratios are the medians of the per-round ratios over the rounds where that
+stayed under ``--quiet-cpu`` (all rounds when none did), and the p99 ratio compares the
+p99 of every request of those rounds pooled on each side (one round's p99 rests on its
+few slowest requests). (a') -- one-thread sessions side by side in process, what two
 one-thread Triton instances do -- is printed for information. Prints a table, the
 ratios b/a (target >= 0.90), b/c (target >= 3) and p99 at concurrency 1 through Triton
 against in-process batch-1 p99 (target <= 1.5), and as its last line
@@ -45,7 +49,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +73,7 @@ from serving_report import (
     quiet_rounds,
     ratio_lines,
     row_text,
+    spread,
     summary_rows,
     table,
     write_results,
@@ -196,10 +201,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         else f"all {len(rounds)} rounds (none had other processes at <= {args.quiet_cpu} cores)"
     )
     lines = [
-        f"medians over {which}; ratios are the medians of the per-round ratios",
+        f"medians over {which}; throughput ratios are the medians of the per-round ratios "
+        "((a) measured before and after (b) in every round); p99 over every request of "
+        "those rounds pooled",
         table(rows),
         "",
         *ratio_lines(values),
+        "per-round range: "
+        + ", ".join(f"{k} {lo:.2f}..{hi:.2f}" for k, (lo, hi) in spread(used).items()),
         f"{'served/inprocess_par':<20} "
         f"{float(np.median([r.parallel_ratio() for r in used])):6.3f}  (information: against "
         "(a'), one-thread sessions side by side, no target)",
@@ -216,10 +225,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         if args.model_repository
         else options_summary(repository_options(args)),
         "notes": prepared.notes,
-        "inprocess_sweep": [asdict(r) for r in sweep],
-        "rows": [asdict(r) for r in rows],
+        "inprocess_sweep": [r.public() for r in sweep],
+        "rows": [r.public() for r in rows],
         "rounds": [
-            {**asdict(r), "ratios": r.ratios(), "quiet": r in used, "others_cpu": r.others_cpu()}
+            {
+                **{f.name: getattr(r, f.name).public() for f in fields(r)},
+                "ratios": r.ratios(),
+                "quiet": r in used,
+                "others_cpu": r.others_cpu(),
+            }
             for r in rounds
         ],
         "ratios": values,

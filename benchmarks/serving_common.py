@@ -9,7 +9,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -27,6 +27,11 @@ class PathResult:
     failed: int = 0
     extra: dict = field(default_factory=dict)
     others_cpu: float = 0.0  # cores other users' processes kept busy meanwhile (noise)
+    samples_ms: list = field(default_factory=list, repr=False)  # every latency, for pooling
+
+    def public(self) -> dict:
+        """The row for JSON: everything but the raw latencies."""
+        return {k: v for k, v in asdict(self).items() if k != "samples_ms"}
 
 
 class BenchError(Exception):

@@ -120,6 +120,7 @@ def inprocess_latency(session, images: np.ndarray, runs: int) -> PathResult:
         float(np.percentile(ms, 50)),
         float(np.percentile(ms, 99)),
         runs,
+        samples_ms=ms.tolist(),
     )
 
 
@@ -168,6 +169,7 @@ def triton_level(url: str, model: str, args: argparse.Namespace, concurrency: in
         int(r.requests),
         int(r.failed),
         {k: float(v) for k, v in dict(r.server or {}).items()},
+        samples_ms=list(r.latencies_ms),
     )
 
 

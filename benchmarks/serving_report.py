@@ -28,10 +28,13 @@ TARGETS = {"served/inprocess": 0.90, "served/naive": 3.0, "p99c1/inprocess_b1": 
 
 @dataclass
 class Round:
-    """One pass over every path, back to back, so machine noise hits them alike."""
+    """One pass over every path, back to back, so machine noise hits them alike. (a) is
+    measured on both sides of (b) at concurrency N, and batch-1 latency on both sides of
+    concurrency 1, so a drift in the machine's speed during the round cancels out."""
 
-    inprocess: PathResult  # best batch
-    inprocess_b1: PathResult
+    inprocess: PathResult  # best batch, before (b)
+    inprocess_after: PathResult  # best batch, after (b)
+    inprocess_b1: PathResult  # batch-1 latency, half before and half after (b) c1, pooled
     served: PathResult  # concurrency N
     served_c1: PathResult
     naive: PathResult
@@ -40,6 +43,7 @@ class Round:
     def rows(self) -> list[PathResult]:
         return [
             self.inprocess,
+            self.inprocess_after,
             self.inprocess_parallel,
             self.served,
             self.naive,
@@ -51,12 +55,15 @@ class Round:
         """The most CPU other processes took during any of this round's measurements."""
         return max(r.others_cpu for r in self.rows())
 
+    def inprocess_rate(self) -> float:
+        return (self.inprocess.throughput + self.inprocess_after.throughput) / 2
+
     def parallel_ratio(self) -> float:
         return self.served.throughput / self.inprocess_parallel.throughput
 
     def ratios(self) -> dict[str, float]:
         return {
-            "served/inprocess": self.served.throughput / self.inprocess.throughput,
+            "served/inprocess": self.served.throughput / self.inprocess_rate(),
             "served/naive": self.served.throughput / self.naive.throughput,
             "p99c1/inprocess_b1": self.served_c1.p99_ms / self.inprocess_b1.p99_ms,
         }
@@ -65,22 +72,33 @@ class Round:
 def measure_round(
     sessions: tuple, images: np.ndarray, best: int, urls: tuple[str, str], model: str, args
 ) -> Round:
-    """(a) best batch, (a') parallel one-thread sessions, (b) concurrency N, (c) concurrency
-    N, (a) batch 1, (b) concurrency 1."""
+    """(a) best batch, (b) concurrency N, (a) best batch again, (a') parallel one-thread
+    sessions, (c) concurrency N, (a) batch 1, (b) concurrency 1, (a) batch 1 again."""
     (session, singles), (triton_url, naive_url) = sessions, urls
     inprocess = measured(inprocess_best, session, images, best, args.sweep_s)
-    parallel = measured(inprocess_parallel, singles, images, best, args.sweep_s)
     served = measured(triton_level, triton_url, model, args, args.concurrency)
+    inprocess_after = measured(inprocess_best, session, images, best, args.sweep_s)
+    parallel = measured(inprocess_parallel, singles, images, best, args.sweep_s)
     naive = measured(naive_level, naive_url, images[0], args)
-    b1 = measured(inprocess_latency, session, images, args.latency_runs)
+    half = max(1, args.latency_runs // 2)
+    b1_before = measured(inprocess_latency, session, images, half)
     c1 = measured(triton_level, triton_url, model, args, 1)
-    return Round(inprocess, b1, served, c1, naive, parallel)
+    b1_after = measured(inprocess_latency, session, images, half)
+    b1 = pooled([b1_before, b1_after])
+    return Round(inprocess, inprocess_after, b1, served, c1, naive, parallel)
 
 
-def median_row(rows: list[PathResult]) -> PathResult:
-    """Median throughput and latencies over rounds; requests and failures summed."""
+def pooled(rows: list[PathResult]) -> PathResult:
+    """One row from several measurements of one path: latency percentiles over all their
+    samples together, throughput and others' CPU the median, requests and failures summed."""
     first = rows[0]
     med = lambda key: float(np.median([getattr(r, key) for r in rows]))  # noqa: E731
+    samples = [ms for r in rows for ms in r.samples_ms]
+    p50, p99 = (
+        (float(np.percentile(samples, 50)), float(np.percentile(samples, 99)))
+        if samples
+        else (med("p50_ms"), med("p99_ms"))
+    )
     extra = {k: float(np.median([r.extra.get(k, 0.0) for r in rows])) for k in first.extra}
     return PathResult(
         first.path,
@@ -88,18 +106,23 @@ def median_row(rows: list[PathResult]) -> PathResult:
         first.concurrency,
         first.batch_size,
         med("throughput"),
-        med("p50_ms"),
-        med("p99_ms"),
+        p50,
+        p99,
         sum(r.requests for r in rows),
         sum(r.failed for r in rows),
         extra,
         med("others_cpu"),
+        samples,
     )
 
 
 def summary_rows(rounds: list[Round]) -> list[PathResult]:
-    fields_ = ("inprocess_b1", "inprocess", "inprocess_parallel", "served_c1", "served", "naive")
-    return [median_row([getattr(r, f) for r in rounds]) for f in fields_]
+    """One row per path over ``rounds``: (a) best batch pools the runs before and after (b)."""
+    rows = [pooled([r.inprocess_b1 for r in rounds])]
+    rows.append(pooled([x for r in rounds for x in (r.inprocess, r.inprocess_after)]))
+    for name in ("inprocess_parallel", "served_c1", "served", "naive"):
+        rows.append(pooled([getattr(r, name) for r in rounds]))
+    return rows
 
 
 def quiet_rounds(rounds: list[Round], threshold: float) -> list[Round]:
@@ -110,8 +133,20 @@ def quiet_rounds(rounds: list[Round], threshold: float) -> list[Round]:
 
 
 def median_ratios(rounds: list[Round]) -> dict[str, float]:
+    """Throughput ratios: the median of the per-round ratios. p99: over every request of
+    every round pooled, on both sides (a round's p99 rests on its few slowest requests)."""
     per_round = [r.ratios() for r in rounds]
-    return {k: float(np.median([p[k] for p in per_round])) for k in TARGETS}
+    values = {k: float(np.median([p[k] for p in per_round])) for k in TARGETS}
+    b1 = pooled([r.inprocess_b1 for r in rounds])
+    c1 = pooled([r.served_c1 for r in rounds])
+    values["p99c1/inprocess_b1"] = c1.p99_ms / b1.p99_ms
+    return values
+
+
+def spread(rounds: list[Round]) -> dict[str, tuple[float, float]]:
+    """The lowest and highest per-round value of every ratio: how much to trust a median."""
+    per_round = [r.ratios() for r in rounds]
+    return {k: (min(p[k] for p in per_round), max(p[k] for p in per_round)) for k in TARGETS}
 
 
 # ---------------------------------------------------------------- report

@@ -73,12 +73,13 @@ class LevelResult:
     p99_ms: float
     server: dict[str, float] = field(default_factory=dict)  # µs per request, avg_batch
     errors: list[str] = field(default_factory=list)  # the first few distinct ones
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # every answered request
 
     def row(self) -> dict[str, object]:
         out = {
             k: round(v, 3) if isinstance(v, float) else v
             for k, v in asdict(self).items()
-            if k not in ("server", "errors")
+            if k not in ("server", "errors", "latencies_ms")
         }
         out.update({f"server_{k}": round(v, 1) for k, v in self.server.items()})
         return out
@@ -204,6 +205,7 @@ async def _levels(c, opts: BenchOptions, senders, models, tensor_model, on_level
             p99_ms=float(ms[3]),
             server=server_split(before, after, tensor_model),
             errors=sorted(set(errors))[:3],
+            latencies_ms=[t * 1e3 for t in latencies],
         )
         results.append(result)
         if on_level is not None:
