@@ -82,3 +82,24 @@ def test_training_spans_two_nodes_and_survives_a_killed_worker(
     assert len(nodes) == 2 and len({n.split("/")[1] for n in nodes}) == 2, nodes
     assert run.data.params["workers"] == "2"
     assert victims[0] not in ray_cluster.processes_titled("ray::RayTrainWorker")
+
+
+@pytest.mark.slow
+def test_local_train_beside_another_ray_instance(
+    ray_cluster, medimg_cmd, cli_env, data_dir, tmp_path
+) -> None:
+    """With another Ray instance on this machine (the module's cluster), `medimg train`
+    without --ray-address starts its own and tells its workers where its State API is:
+    Train V2's PlacementGroupCleaner would otherwise fail to auto-detect it ("Found
+    multiple active Ray instances") and leave the run's placement group behind."""
+    env = {k: v for k, v in cli_env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    args = _train_args(medimg_cmd, ray_cluster, tmp_path, data_dir, "--epochs", "1")
+    i = args.index("--ray-address")
+    del args[i : i + 2]
+    args += ["--max-train-samples", "128", "--workers", "1"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "multiple active Ray instances" not in output, output[-4000:]
+    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"

@@ -249,10 +249,27 @@ def ray_address(cfg: TrainConfig) -> str:
 
 
 def init_ray(cfg: TrainConfig, **kwargs: Any) -> None:
-    """Start or join Ray as :func:`ray_address` says."""
+    """Start or join Ray as :func:`ray_address` says; a new local instance gets
+    :func:`local_dashboard`."""
     import ray
 
-    ray.init(address=ray_address(cfg), log_to_driver=True, configure_logging=False, **kwargs)
+    address = ray_address(cfg)
+    if address == "local":
+        kwargs = {**local_dashboard(), **kwargs}
+    ray.init(address=address, log_to_driver=True, configure_logging=False, **kwargs)
+
+
+def local_dashboard() -> dict[str, Any]:
+    """For a new local instance: the dashboard on a free loopback port, and that address in
+    every worker's environment. Train V2's PlacementGroupCleaner, which frees the workers
+    of a finished or stopped run, finds the State API by auto-detection, which fails when
+    another Ray instance runs on this machine ("Found multiple active Ray instances"): a
+    tuning job's next trial then waits for those CPUs forever (WorkerGroupStartupTimeoutError)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    return {"dashboard_port": port, "runtime_env": {"env_vars": env}}
 
 
 def resolve_resources(cfg: TrainConfig) -> TrainConfig:

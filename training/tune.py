@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -99,7 +97,7 @@ def _init_ray(cfg: TrainConfig, max_concurrent: int) -> TrainConfig:
     from training.train import init_ray, resolve_resources
 
     if not ray.is_initialized():
-        init_ray(cfg, **_local_dashboard(cfg))
+        init_ray(cfg)
     total = ray.cluster_resources().get("CPU", 1)
     need = cfg.workers * max_concurrent
     if not cfg.cpus_per_worker:
@@ -115,21 +113,6 @@ def _init_ray(cfg: TrainConfig, max_concurrent: int) -> TrainConfig:
             f"{cfg.cpus_per_worker:g} needs {cfg.cpus_per_worker * need:g} CPUs; this machine has {total:g}"
         )
     return resolve_resources(cfg)
-
-
-def _local_dashboard(cfg: TrainConfig) -> dict[str, Any]:
-    """For a new local cluster: the dashboard on a known port, and that address in every
-    worker's environment. Train V2's PlacementGroupCleaner, which frees the workers of a
-    trial ASHA stopped, finds the State API by auto-detection, which fails when another
-    Ray instance runs on this machine ("Found multiple active Ray instances"): the next
-    trial then waits for those CPUs forever (WorkerGroupStartupTimeoutError)."""
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        return {}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    return {"dashboard_port": port, "runtime_env": {"env_vars": env}}
 
 
 def _tuner(ref: JobRef, base: TrainConfig, space: dict, settings: TuneSettings):
