@@ -3,7 +3,9 @@
 One HTTP/JSON infer request declaring a huge input shape aborts tritonserver 2.51
 (``std::bad_alloc``); malformed JSON is answered 500. So :class:`~serving.server.TritonServer`
 binds Triton's HTTP to a private 127.0.0.1 port and runs this guard (a child process, stopped
-by PID) on ``host:http_port``. It forwards every request over keep-alive connections and
+by PID) on ``host:http_port``; Triton answers that port only requests carrying the
+guard's per-server token (:func:`restricted_args`, given to the guard in
+``$MEDIMG_GUARD_TOKEN``). It forwards every request over keep-alive connections and
 answers these itself, Triton-style (``{"error": "..."}``, naming the input and problem):
 bodies above ``--max-request-bytes`` (413; gzip/deflate bodies are inflated here within the
 limit); infer requests with malformed JSON, shapes that are no list of non-negative integers,
@@ -54,6 +56,12 @@ PARAMETER_TYPES = {"binary_data": _BOOL, "binary_data_output": _BOOL, "sequence_
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 HOP_BY_HOP |= {"transfer-encoding", "content-length", "host", "expect"}  # aiohttp sets these
 OFFLOAD_BYTES = 1 << 20  # infer headers above this are checked in a worker thread
+# Triton's own HTTP port answers only requests that carry the guard's token, which the guard
+# adds: a local process cannot go around the guard to that port (model-repository: see
+# restricted_args).
+GUARD_HEADER, GUARD_ENV = "medimg-guard-token", "MEDIMG_GUARD_TOKEN"
+GUARDED_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "statistics",
+                "trace", "logging")  # fmt: skip
 TOKEN_MISSING = ("model load/unload on this server needs the header {header}: the token the "
                  "server wrote to <repository>/{prefix}<http port> (medimg publish --url "
                  "reads it there, or from ${env})")  # fmt: skip
@@ -243,10 +251,16 @@ class Guard:
     """The aiohttp handlers; ``upstream`` is Triton's own HTTP address, ``host:port``."""
 
     def __init__(
-        self, upstream: str, max_bytes: int, repository_control: bool, token: str = ""
+        self,
+        upstream: str,
+        max_bytes: int,
+        repository_control: bool,
+        token: str = "",
+        guard_token: str = "",
     ) -> None:
         self.upstream, self.max_bytes = Upstream(upstream), max_bytes
         self.repository_control, self.token = repository_control, token
+        self.guard_token = guard_token
 
     def _too_large(self, size: int, what: str = "request body") -> Refusal:
         limit = f"the limit of {self.max_bytes} bytes (--max-request-bytes)"
@@ -304,10 +318,12 @@ class Guard:
             await self._check(request, body)
         except Refusal as refusal:
             return web.json_response({"error": str(refusal)}, status=refusal.status)
-        skip = HOP_BY_HOP | {"content-encoding", repository_token.HEADER}  # decompressed above
+        skip = HOP_BY_HOP | {"content-encoding", repository_token.HEADER, GUARD_HEADER}
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in skip]
         if self.token and request.path.startswith("/v2/repository"):  # load/unload checked above
             headers.append((repository_token.HEADER, self.token))
+        if self.guard_token:
+            headers.append((GUARD_HEADER, self.guard_token))
         try:
             status, got, payload = await self.upstream.request(request.method, request.raw_path, headers, body)  # fmt: skip
         except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -317,11 +333,8 @@ class Guard:
         return web.Response(body=payload, status=status, headers=keep)
 
 
-async def run_guard(
-    host: str, port: int, upstream: str, max_bytes: int, repository_control: bool, token: str = ""
-) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight requests get up to 5 s to finish."""
-    guard = Guard(upstream, max_bytes, repository_control, token)
+async def run_guard(host: str, port: int, upstream: str, guard: Guard) -> None:
+    """Serve ``guard`` until SIGTERM/SIGINT; in-flight requests get up to 5 s to finish."""
     server = web.Server(guard.handle, access_log=None, auto_decompress=False)  # no router
     runner = web.ServerRunner(server, shutdown_timeout=5)
     await runner.setup()
@@ -330,12 +343,22 @@ async def run_guard(
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
-        note = f"http://{host}:{port} -> http://{upstream}, max request {max_bytes} bytes"
+        note = f"http://{host}:{port} -> http://{upstream}, max request {guard.max_bytes} bytes"
         print(f"medimg http guard: {note}", file=sys.stderr, flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
         guard.upstream.close()
+
+
+def restricted_args(guard_token: str, repository_token_: str) -> list[str]:
+    """tritonserver flags for its HTTP behind the guard: every API needs ``guard_token``,
+    model-repository (index, load, unload) the repository token in explicit mode."""
+    apis = GUARDED_APIS if repository_token_ else (*GUARDED_APIS, "model-repository")
+    args = [f"--http-restricted-api={','.join(apis)}:{GUARD_HEADER}={guard_token}"]
+    if repository_token_:
+        args.append(f"--http-restricted-api=model-repository:{repository_token.HEADER}={repository_token_}")  # fmt: skip
+    return args
 
 
 def command(server: TritonServer, upstream_port: int) -> list[str]:
@@ -356,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         explicit = args.model_control_mode == "explicit"
         token = os.environ.get(repository_token.ENV, "") if explicit else ""
-        asyncio.run(
-            run_guard(args.host, args.port, args.upstream, args.max_request_bytes, explicit, token)
-        )
+        guard_token = os.environ.get(GUARD_ENV, "")
+        guard = Guard(args.upstream, args.max_request_bytes, explicit, token, guard_token)
+        asyncio.run(run_guard(args.host, args.port, args.upstream, guard))
     except OSError as exc:  # e.g. the port is taken
         print(f"medimg http guard: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -162,6 +162,7 @@ class TritonServer:
         explicit = model_control_mode == "explicit"
         self.repository_token = repository_token.new_token() if explicit else ""
         self.token_file: Path | None = None  # where start() wrote it
+        self._guard_token = secrets.token_urlsafe(32)  # the guard sends it to Triton's HTTP
 
     @property
     def pid(self) -> int | None:
@@ -222,12 +223,13 @@ class TritonServer:
             f"--model-control-mode={self.model_control_mode}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+        restricted = f"model-repository:{repository_token.HEADER}={self.repository_token}"
+        if self.http_guard:  # Triton's HTTP answers the guard only
+            args += http_guard.restricted_args(self._guard_token, self.repository_token)
+        elif self.repository_token:
+            args.append(f"--http-restricted-api={restricted}")
         if self.repository_token:
-            restricted = f"model-repository:{repository_token.HEADER}={self.repository_token}"
-            args += [
-                f"--http-restricted-api={restricted}",
-                f"--grpc-restricted-protocol={restricted}",
-            ]
+            args.append(f"--grpc-restricted-protocol={restricted}")
         given = {a.split("=")[0] for a in self.extra_args}
         if self.model_control_mode == "explicit" and "--load-model" not in given:
             args.append("--load-model=*")
@@ -272,7 +274,11 @@ class TritonServer:
         try:
             self._process = self._spawn(self.command(home), env=server_env(), cwd=home)
             if self.http_guard:  # on host:http_port, in front of Triton's private HTTP port
-                env = {**os.environ, repository_token.ENV: self.repository_token}
+                env = {
+                    **os.environ,
+                    repository_token.ENV: self.repository_token,
+                    http_guard.GUARD_ENV: self._guard_token,
+                }
                 self._guard = self._spawn(http_guard.command(self, self._triton_http_port), env=env)
         except OSError as exc:
             if self.running():

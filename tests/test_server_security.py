@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from triton_fixtures import MODEL, _ports, running_server
 from tritonclient.utils import InferenceServerException
 
-from serving import cli, repository_token
+from serving import cli, http_guard, repository_token
 from serving.server import TritonServer
 from training.errors import ConfigError
 
@@ -125,6 +125,35 @@ def test_repository_control_is_off_by_default_but_reading_works(server):
         assert {m.name for m in client.get_model_repository_index().models} >= {MODEL}
     finally:
         client.close()
+
+
+def test_tritons_own_http_port_answers_only_the_guard(server):
+    """Triton's private HTTP port (behind the guard) refuses requests without the guard's
+    token, so a local process cannot go around the guard, e.g. with the huge-shape JSON
+    request that aborts tritonserver; through the guard everything answers as before."""
+    private = f"http://127.0.0.1:{server._triton_http_port}"
+    pid = server.pid
+    bomb = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1000000, 3, 64, 64], "datatype": "FP32", "data": [0]}
+            ]
+        }
+    ).encode()
+    for path, method, data in (
+        ("/v2/health/ready", "GET", None),
+        (f"/v2/models/{MODEL}/config", "GET", None),
+        ("/v2/repository/index", "POST", b"{}"),
+        (f"/v2/models/{MODEL}_onnx/infer", "POST", bomb),
+    ):
+        status, body = request(private + path, method, data)
+        assert 400 <= status < 500, (path, status, body[:300])
+        assert http_guard.GUARD_HEADER in body.decode(), (path, body[:300])
+        wrong = {http_guard.GUARD_HEADER: "not-the-token"}
+        assert 400 <= request(private + path, method, data, wrong)[0] < 500, path
+    assert server.pid == pid and server.running()
+    assert request(f"{server.http_url}/v2/health/ready")[0] == 200
+    assert request(f"{server.http_url}/v2/models/{MODEL}/config")[0] == 200
 
 
 def test_explicit_mode_loads_and_unloads_only_with_the_token(triton_cache_dir, tiny_classifier_repository):  # fmt: skip
