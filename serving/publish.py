@@ -131,9 +131,10 @@ def load_on_server(
     """Load ``names`` (in order) through the repository API of the server at ``url``
     (HTTP, ``HOST:PORT``), sending the repository ``token`` of a server in explicit mode
     (:mod:`serving.repository_token`); returns the versions of the classifier now ready there."""
-    headers = {repository_token.HEADER: token} if token else None
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
+
+    headers = {repository_token.HEADER: token} if token else None
 
     client = httpclient.InferenceServerClient(
         url.removeprefix("http://"), connection_timeout=timeout_s, network_timeout=timeout_s
