@@ -168,7 +168,10 @@ def triton_level(url: str, model: str, args: argparse.Namespace, concurrency: in
         float(r.p99_ms),
         int(r.requests),
         int(r.failed),
-        {k: float(v) for k, v in dict(r.server or {}).items()},
+        {
+            **{k: float(v) for k, v in dict(r.server or {}).items()},
+            "client_cpu_ms": r.client_cpu_ms,
+        },
         samples_ms=list(r.latencies_ms),
     )
 

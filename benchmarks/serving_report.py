@@ -160,7 +160,8 @@ def row_text(row: PathResult) -> str:
         server = (
             f"  server: queue {row.extra.get('queue_us', 0) / 1000:.2f} ms, "
             f"infer {row.extra.get('compute_infer_us', 0) / 1000:.2f} ms, "
-            f"batch {row.extra.get('avg_batch', 0):.1f}"
+            f"batch {row.extra.get('avg_batch', 0):.1f}; "
+            f"load generator CPU {row.extra.get('client_cpu_ms', 0):.2f} ms"
         )
     failed = f"  {row.failed} failed" if row.failed else ""
     return (
@@ -230,13 +231,14 @@ def markdown(report: dict, rows: list[PathResult], lines: list[str]) -> str:
         *(f"- {note}" for note in report["notes"]),
         "",
         "| path | concurrency | batch | img/s | p50 ms | p99 ms | others' CPU | "
-        "server queue / infer ms, batch |",
+        "server queue / infer ms, batch, load generator CPU ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         server = (
             f"{r.extra.get('queue_us', 0) / 1000:.2f} / "
-            f"{r.extra.get('compute_infer_us', 0) / 1000:.2f}, {r.extra.get('avg_batch', 0):.1f}"
+            f"{r.extra.get('compute_infer_us', 0) / 1000:.2f}, {r.extra.get('avg_batch', 0):.1f}, "
+            f"{r.extra.get('client_cpu_ms', 0):.2f}"
             if r.extra
             else ""
         )

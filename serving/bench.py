@@ -4,8 +4,10 @@ For each concurrency level N, N closed-loop clients send requests back to back f
 ``duration_s`` (after ``warmup_s`` not measured); it reports throughput
 (inferences/s), client latency p50/p90/p95/p99 and, from Triton's statistics API, the
 server-side split per request (queue, compute input, compute infer, compute output;
-summed over an ensemble's steps, like perf_analyzer) and the classifier's average
-batch size. Results go to a CSV and a PNG latency-throughput curve::
+summed over an ensemble's steps, like perf_analyzer), the classifier's average batch
+size, and the CPU this process -- the load generator -- spent per request (on a machine
+it shares with the server, CPU the server did not get). Results go to a CSV and a PNG
+latency-throughput curve::
 
     medimg bench --model pneumoniamnist-densenet121 --protocol grpc --concurrency 1,4,16 --duration-s 5
     medimg bench --model pneumoniamnist-densenet121_onnx --input ../shared/data/samples/00000001_000.png
@@ -71,6 +73,7 @@ class LevelResult:
     p90_ms: float
     p95_ms: float
     p99_ms: float
+    client_cpu_ms: float = 0.0  # this process's CPU per answered request: the load's own cost
     server: dict[str, float] = field(default_factory=dict)  # µs per request, avg_batch
     errors: list[str] = field(default_factory=list)  # the first few distinct ones
     latencies_ms: list[float] = field(default_factory=list, repr=False)  # every answered request
@@ -189,7 +192,9 @@ async def _levels(c, opts: BenchOptions, senders, models, tensor_model, on_level
         if opts.warmup_s:
             await _load(senders, opts.warmup_s, n)
         before = await _server_totals(c, models)
+        cpu = time.process_time()
         latencies, errors, seconds = await _load(senders, opts.duration_s, n)
+        cpu = time.process_time() - cpu
         after = await _server_totals(c, models)
         ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 95, 99]) if latencies else [0] * 4
         result = LevelResult(
@@ -203,6 +208,7 @@ async def _levels(c, opts: BenchOptions, senders, models, tensor_model, on_level
             p90_ms=float(ms[1]),
             p95_ms=float(ms[2]),
             p99_ms=float(ms[3]),
+            client_cpu_ms=cpu * 1e3 / max(1, len(latencies)),
             server=server_split(before, after, tensor_model),
             errors=sorted(set(errors))[:3],
             latencies_ms=[t * 1e3 for t in latencies],
@@ -225,7 +231,8 @@ def describe(r: LevelResult) -> str:
         f"{r.p50_ms:6.2f}  p90 {r.p90_ms:6.2f}  p95 {r.p95_ms:6.2f}  p99 {r.p99_ms:6.2f} ms  "
         f"server queue {s.get('queue_us', 0):7.0f}  input {s.get('compute_input_us', 0):5.0f}  "
         f"infer {s.get('compute_infer_us', 0):7.0f}  output {s.get('compute_output_us', 0):5.0f}"
-        f" us  batch {s.get('avg_batch', 0):4.1f}" + (f"  FAILED {r.failed}" if r.failed else "")
+        f" us  batch {s.get('avg_batch', 0):4.1f}  client CPU {r.client_cpu_ms:5.2f} ms"
+        + (f"  FAILED {r.failed}" if r.failed else "")
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -224,6 +225,8 @@ def test_bench_writes_csv_and_curve(server, medimg_cmd, tmp_path) -> None:
         assert float(r["throughput"]) == pytest.approx(throughput, rel=1e-2)
         assert float(r["server_compute_infer_us"]) > 0 and float(r["server_queue_us"]) > 0
         assert float(r["server_avg_batch"]) >= 1
+        # the load generator's CPU per request: some, and at most all cores for its share
+        assert 0 < float(r["client_cpu_ms"]) < 1000 * os.cpu_count() / float(r["throughput"])
     # the server's own time for a request cannot exceed what the client waited for it
     split = sum(float(rows[0][f"server_{k}_us"]) for k in ("queue", "compute_input",
                                                             "compute_infer", "compute_output"))  # fmt: skip
