@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sysconfig
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -167,12 +168,18 @@ def test_dynamic_batching_merges_concurrent_requests(server, reference):
             )
         for _ in inputs:
             assert done.acquire(timeout=60)
-        after = client.get_inference_statistics(CLASSIFIER, as_json=True)["model_stats"][0]
+        # Triton records an execution's statistics after it has sent the responses: wait
+        deadline = time.monotonic() + 30
+        while True:
+            after = client.get_inference_statistics(CLASSIFIER, as_json=True)["model_stats"][0]
+            inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
+            if inferences >= 16 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         client.close()
     for x, got in zip(inputs, results, strict=True):
         np.testing.assert_allclose(got, reference(x), atol=1e-5)
-    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
     executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
     assert inferences == 16
     assert executions < inferences, (executions, inferences)
