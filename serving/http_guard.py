@@ -352,12 +352,16 @@ async def run_guard(host: str, port: int, upstream: str, guard: Guard) -> None:
 
 
 def restricted_args(guard_token: str, repository_token_: str) -> list[str]:
-    """tritonserver flags for its HTTP behind the guard: every API needs ``guard_token``,
-    model-repository (index, load, unload) the repository token in explicit mode."""
-    apis = GUARDED_APIS if repository_token_ else (*GUARDED_APIS, "model-repository")
-    args = [f"--http-restricted-api={','.join(apis)}:{GUARD_HEADER}={guard_token}"]
+    """tritonserver flags that restrict its APIs: with a ``guard_token`` (a guard in front),
+    every HTTP API needs it; with a ``repository_token_`` (explicit mode), model-repository
+    (index, load, unload) needs that one instead, over HTTP and gRPC."""
+    args = []
+    if guard_token:
+        apis = GUARDED_APIS if repository_token_ else (*GUARDED_APIS, "model-repository")
+        args.append(f"--http-restricted-api={','.join(apis)}:{GUARD_HEADER}={guard_token}")
     if repository_token_:
-        args.append(f"--http-restricted-api=model-repository:{repository_token.HEADER}={repository_token_}")  # fmt: skip
+        restricted = f"model-repository:{repository_token.HEADER}={repository_token_}"
+        args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
     return args
 
 

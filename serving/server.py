@@ -223,13 +223,8 @@ class TritonServer:
             f"--model-control-mode={self.model_control_mode}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        restricted = f"model-repository:{repository_token.HEADER}={self.repository_token}"
-        if self.http_guard:  # Triton's HTTP answers the guard only
-            args += http_guard.restricted_args(self._guard_token, self.repository_token)
-        elif self.repository_token:
-            args.append(f"--http-restricted-api={restricted}")
-        if self.repository_token:
-            args.append(f"--grpc-restricted-protocol={restricted}")
+        guard_token = self._guard_token if self.http_guard else ""  # Triton answers the guard only
+        args += http_guard.restricted_args(guard_token, self.repository_token)
         given = {a.split("=")[0] for a in self.extra_args}
         if self.model_control_mode == "explicit" and "--load-model" not in given:
             args.append("--load-model=*")
