@@ -71,6 +71,9 @@ CONFIGS = (
     Config("delay 0, 2 inst x intra 1, http", 0, instances=2, intra=1, protocol="http"),
     Config("delay 0 +nospin", 0, nospin=True),
     Config("delay 0, 2 inst x intra 1 +nospin", 0, instances=2, intra=1, nospin=True),
+    Config("delay 250, pref 8, 2 inst x intra 1", 250, (8,), instances=2, intra=1),
+    Config("delay 500, pref 8, 2 inst x intra 1", 500, (8,), instances=2, intra=1),
+    Config("delay 1000, pref 8, 2 inst x intra 1", 1000, (8,), instances=2, intra=1),
 )
 
 

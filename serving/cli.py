@@ -254,14 +254,18 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
                    help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
                    "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
     g.add_argument("--max-batch-size", type=int, default=32)
-    g.add_argument("--preferred-batch-sizes", type=int_list, default=(),
-                   help="dynamic batching (default: none, batches form from what is queued)")  # fmt: skip
-    g.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="dynamic batching wait for more requests (default 0)")  # fmt: skip
+    g.add_argument("--preferred-batch-sizes", type=int_list, default=None,
+                   help="dynamic batching: the sizes the batcher cuts a queue into (default 8; "
+                   "'' for none: batches of whatever is queued)")  # fmt: skip
+    g.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="dynamic batching: how long a batch short of a preferred size may wait "
+                   "for more requests (default 500)")  # fmt: skip
     g.add_argument("--instances", type=int, default=2, help="classifier instances (default 2)")
     g.add_argument("--preprocess-instances", type=int, default=1)
     g.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads per instance (0: cores / instances)")  # fmt: skip
+    g.add_argument("--no-borrow-idle-cores", action="store_true", help="--target cpu: an "
+                   "instance keeps its share of the cores even while the others are idle")  # fmt: skip
     g.add_argument("--version-policy", default="latest:1", help="latest:N | all | specific:V,..")
     g.add_argument("--trt-precision", choices=("FP16", "FP32"), default=None,
                    help="--target gpu: the TensorRT accelerator's precision (default FP16)")  # fmt: skip
@@ -276,14 +280,22 @@ def repository_options(args: argparse.Namespace):
 
     if args.trt_precision and args.target != "gpu":
         raise ConfigError("--trt-precision applies to --target gpu only (TensorRT on the GPU)")
+    batching = {  # unset: RepositoryOptions' measured defaults
+        k: v
+        for k, v in (
+            ("preferred_batch_sizes", args.preferred_batch_sizes),
+            ("max_queue_delay_us", args.max_queue_delay_us),
+        )
+        if v is not None
+    }
     return RepositoryOptions(
         target=args.target,
         max_batch_size=args.max_batch_size,
-        preferred_batch_sizes=args.preferred_batch_sizes,
-        max_queue_delay_us=args.max_queue_delay_us,
+        **batching,
         instance_count=args.instances,
         preprocess_instance_count=args.preprocess_instances,
         intra_op_threads=args.intra_op_threads,
+        borrow_idle_cores=not args.no_borrow_idle_cores,
         version_policy=args.version_policy,
         trt_precision=args.trt_precision or "FP16",
         warmup=not args.no_warmup,

@@ -158,6 +158,9 @@ class TritonServer:
         # Private shared-memory regions: two servers on one machine must not share them.
         self.shm_prefix = f"medimg{os.getpid()}-{secrets.token_hex(4)}_"
         self.leaked_shm: list[str] = []  # regions a killed server left, removed by stop()
+        # the classifier instances' lock for borrowing idle cores (triton_backend/model.py):
+        # private to this server, removed by stop()
+        self.core_lock = SHM_ROOT / f"medimg-cores-{self.shm_prefix.rstrip('_')}"
         # explicit mode: load/unload need this secret (serving.repository_token)
         explicit = model_control_mode == "explicit"
         self.repository_token = repository_token.new_token() if explicit else ""
@@ -267,7 +270,8 @@ class TritonServer:
                     f"{exc} (the repository must be writable by this user)"
                 ) from exc
         try:
-            self._process = self._spawn(self.command(home), env=server_env(), cwd=home)
+            env = {**server_env(), "MEDIMG_CORE_LOCK": str(self.core_lock)}
+            self._process = self._spawn(self.command(home), env=env, cwd=home)
             if self.http_guard:  # on host:http_port, in front of Triton's private HTTP port
                 env = {
                     **os.environ,
@@ -333,6 +337,7 @@ class TritonServer:
         if self._own_log and self.log_path is not None and process.returncode == 0:
             self.log_path.unlink(missing_ok=True)
         self.leaked_shm = remove_shm_regions(self.shm_prefix)
+        self.core_lock.unlink(missing_ok=True)
         if self.token_file is not None:
             self.token_file.unlink(missing_ok=True)
         return process.returncode

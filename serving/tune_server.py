@@ -4,7 +4,10 @@ config (the Model Analyzer idea, for the embedded CPU server).
 Knobs: the dynamic batcher's ``max_queue_delay_microseconds`` (both steps), preferred
 batch sizes, classifier and preprocess instance counts, and ONNX Runtime's intra-op
 threads. The sweep is coordinate descent: one knob at a time over its values, the
-others held at the best so far, starting from the repository's current config. Each
+others held at the best so far, starting from the repository's current config. A delay and a
+preferred size pay together (the size caps each batch, so a queue splits evenly among the
+instances; the delay lets a short batch wait for it), and coordinate descent moves one knob
+at a time: start from the export defaults, which hold such a pair. Each
 trial serves a copy of the model set (configs rewritten, version folders linked, not
 copied) on free loopback ports and runs ``medimg bench`` at the given concurrency
 levels; the score is the throughput at the highest level, among trials whose p99 at
@@ -53,11 +56,11 @@ def default_space(cores: int | None = None) -> dict[str, tuple]:
     """The values each knob takes in the sweep, in sweep order."""
     cores = cores or os.cpu_count() or 1
     return {
-        "max_queue_delay_us": (0, 100, 1000, 5000),
+        "max_queue_delay_us": (0, 100, 500, 1000, 5000),
         "intra_op_threads": tuple(sorted({1, max(1, cores // 2), cores})),
         "instances": (1, 2),
         "preprocess_instances": (1, 2),
-        "preferred_batch_sizes": ((), (4, 8, 16), (8, 16, 32)),
+        "preferred_batch_sizes": ((), (8,), (4, 8, 16), (8, 16, 32)),
     }
 
 

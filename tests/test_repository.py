@@ -70,8 +70,8 @@ def test_classifier_config_parses_back_to_the_intended_values(
     )
     assert out.label_filename == "labels.txt"
     assert config.HasField("dynamic_batching")  # on, with the measured defaults:
-    assert list(config.dynamic_batching.preferred_batch_size) == []
-    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert list(config.dynamic_batching.preferred_batch_size) == [8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND_CPU, 2)]
     assert config.version_policy.WhichOneof("policy_choice") == "latest"
     assert config.version_policy.latest.num_versions == 1
@@ -309,7 +309,9 @@ def backend_model(tiny_classifier_repository, monkeypatch):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     model_dir = tiny_classifier_repository / CLASSIFIER
-    config = json_format.MessageToJson(read_config(model_dir), preserving_proto_field_name=True)
+    proto = read_config(model_dir)
+    proto.parameters["borrow_idle_cores"].string_value = "0"  # one session: tests/test_borrow*
+    config = json_format.MessageToJson(proto, preserving_proto_field_name=True)
     model = module.TritonPythonModel()
     model.initialize(
         {"model_config": config, "model_repository": str(model_dir), "model_version": "1"}

@@ -4,8 +4,9 @@
 ``<repository>/<model>/<version>/model.py``; Triton's Python backend imports it
 there, so it may import only the standard library, numpy, onnxruntime and
 ``triton_python_backend_utils``. The model config supplies everything else:
-one input, one output, ``max_batch_size`` and the parameters ``onnx_file`` and
-``intra_op_threads`` ("0" = this machine's cores divided by the model's instances, at least 1). Try it through a server::
+one input, one output, ``max_batch_size`` and the parameters ``onnx_file``,
+``intra_op_threads`` ("0" = this machine's cores divided by the model's instances, at least
+1) and ``borrow_idle_cores``. Try it through a server::
 
     python -c "from pathlib import Path; from serving.server import TritonServer; \
 s = TritonServer(Path('model_repository')); s.start(); s.wait_ready(); print(s.http_url); s.stop()"
@@ -15,10 +16,23 @@ requests at once: the valid ones are concatenated into one ONNX Runtime run and
 the result is split back; an invalid one gets an ``INVALID_ARG`` error (HTTP
 400, gRPC INVALID_ARGUMENT) without failing its neighbours. Only a failure of ONNX
 Runtime itself on valid input is ``INTERNAL`` (500); no exception leaves ``execute``.
+
+Borrowing idle cores (``borrow_idle_cores: "1"``, with several instances of fewer threads
+than cores): each instance also holds a session over all the cores, and runs a batch on it
+when no other instance of this server is running one. One lock file shared by the server's
+instances decides it: a narrow run holds a shared lock, a wide run needs the exclusive lock
+without waiting (else it runs narrow), and a narrow run waits for a wide one to end, so the
+threads never outnumber the cores. A lone request (the common case at low load) gets every
+core instead of its instance's share; under load the instances run narrow side by side. The
+wide session stops its threads' spin-waiting when a run ends (``session.force_spinning_stop``),
+so an idle instance takes no CPU from a busy one. The lock file is ``$MEDIMG_CORE_LOCK``
+(``serving.server`` sets it under the server's private shared-memory prefix, removed on
+stop), else ``/dev/shm/medimg-cores-<tritonserver pid>``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -32,10 +46,21 @@ def _error(message: str, invalid_argument: bool = True):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
-def _auto_threads(config: dict) -> int:
-    """This machine's usable cores shared out among the model's instances (at least 1)."""
-    instances = sum(int(g.get("count") or 1) for g in config.get("instance_group", [])) or 1
-    return max(1, len(os.sched_getaffinity(0)) // instances)
+def _instances(config: dict) -> int:
+    return sum(int(g.get("count") or 1) for g in config.get("instance_group", [])) or 1
+
+
+def _core_lock_path() -> str:
+    return os.environ.get("MEDIMG_CORE_LOCK") or f"/dev/shm/medimg-cores-{os.getppid()}"
+
+
+def _session(path: str, threads: int, *, stop_spinning: bool = False):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if stop_spinning:  # no spin-waiting between runs: an idle wide session takes no CPU
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class TritonPythonModel:
@@ -62,14 +87,9 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"model {self.model_name}: no ONNX file at {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads") or 0) or _auto_threads(
-            config
-        )
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            path, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        cores = len(os.sched_getaffinity(0))
+        threads = int(params.get("intra_op_threads") or 0) or max(1, cores // _instances(config))
+        self.session = _session(path, threads)
         onnx_inputs = [i.name for i in self.session.get_inputs()]
         onnx_outputs = [o.name for o in self.session.get_outputs()]
         if self.input_name not in onnx_inputs or self.output_name not in onnx_outputs:
@@ -77,6 +97,10 @@ class TritonPythonModel:
                 f"model {self.model_name}: config names input {self.input_name!r} and output "
                 f"{self.output_name!r}, but {path} has inputs {onnx_inputs} and outputs {onnx_outputs}"
             )
+        self.wide, self._lock, self.wide_runs, self.runs = None, None, 0, 0
+        if params.get("borrow_idle_cores") == "1" and _instances(config) > 1 and threads < cores:
+            self.wide = _session(path, cores, stop_spinning=True)
+            self._lock = os.open(_core_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
 
     def _problem(self, array: np.ndarray) -> str | None:
         """What is wrong with one request's input, or None."""
@@ -122,7 +146,7 @@ class TritonPythonModel:
 
         try:
             batch = valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid])
-            result = self.session.run([self.output_name], {self.input_name: batch})[0]
+            result = self._run(batch)
             if result.shape[0] != batch.shape[0]:
                 raise RuntimeError(f"{batch.shape[0]} inputs gave {result.shape[0]} outputs")
             result = np.ascontiguousarray(result, dtype=np.float32)
@@ -138,5 +162,28 @@ class TritonPythonModel:
                 responses[index] = _error(message, invalid_argument=False)
         return responses
 
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """ONNX Runtime on ``batch``: over every core when no other instance is running
+        (the exclusive lock, never waited for), else over this instance's share."""
+        self.runs += 1
+        if self.wide is None:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        try:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            session = self.wide
+            self.wide_runs += 1
+        except OSError:  # another instance is running: our share, once no wide run is on
+            fcntl.lockf(self._lock, fcntl.LOCK_SH)
+            session = self.session
+        try:
+            return session.run([self.output_name], {self.input_name: batch})[0]
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+
     def finalize(self):
-        self.session = None
+        if self.wide is not None:
+            pb_utils.Logger.log_info(
+                f"model {self.model_name}: {self.wide_runs} of {self.runs} runs on every core"
+            )
+            os.close(self._lock)
+        self.session = self.wide = None

@@ -1,0 +1,93 @@
+"""Borrowing idle cores (serving/triton_backend/model.py) on the real server: two classifier
+instances of one ONNX Runtime thread each; a lone request runs on every core, concurrent
+ones on each instance's share, answers are the same either way, and the lock file goes
+with the server::
+
+    python -m pytest tests/test_borrow_cores.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from triton_fixtures import MODEL, running_server
+
+from serving.model_configs import RepositoryOptions
+from serving.repository import read_config, write_model_set
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 or more cores"),
+]
+CLASSIFIER = f"{MODEL}_onnx"
+RUNS = re.compile(r"model \S+: (\d+) of (\d+) runs on every core")
+
+
+def _infer(url: str, x: np.ndarray) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url=url)
+    try:
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out = grpcclient.InferRequestedOutput("probabilities")
+        return client.infer(CLASSIFIER, [inp], outputs=[out]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
+def _serve_and_count(repo, log, reference, *, lone: int, concurrent: int):
+    """``lone`` requests one after another, then ``concurrent`` batches of 32 from 8
+    threads; every answer checked; returns (the server, its instances' (wide, all) runs)."""
+    rng = np.random.default_rng(0)
+    with_lock = None
+    for server in running_server(repo, log):
+        with_lock = server.core_lock.exists()
+        for i in range(lone):
+            x = rng.random((1, 1, 32, 32), dtype=np.float32)
+            np.testing.assert_allclose(_infer(server.grpc_url, x), reference(x), atol=1e-5)
+        batches = [rng.random((32, 1, 32, 32), dtype=np.float32) for _ in range(concurrent)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda x, u=server.grpc_url: _infer(u, x), batches))
+        for x, got in zip(batches, answers, strict=True):
+            np.testing.assert_allclose(got, reference(x), atol=1e-5)
+    counts = [tuple(map(int, m)) for m in RUNS.findall(log.read_text())]
+    return server, with_lock, counts
+
+
+def test_lone_requests_borrow_idle_cores_and_busy_ones_do_not(
+    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
+):
+    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
+    reference = lambda x: session.run(None, {"input": x})[0]  # noqa: E731
+    repo = tmp_path / "repository"
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, RepositoryOptions())
+    assert read_config(repo / CLASSIFIER).parameters["borrow_idle_cores"].string_value == "1"
+
+    log = tmp_path / "server.log"
+    server, with_lock, counts = _serve_and_count(repo, log, reference, lone=20, concurrent=48)
+    assert with_lock, f"no core lock at {server.core_lock} while serving"
+    assert not server.core_lock.exists()  # removed on stop
+    assert len(counts) == 2, f"expected one line per instance in {log}: {counts}"
+    wide = sum(w for w, _ in counts)
+    runs = sum(n for _, n in counts)
+    assert wide >= 20  # every lone request (plus warmups that did not overlap)
+    assert runs - wide >= 1  # two instances busy at once: one of them ran on its share
+    assert runs == 20 + 48 + 2  # every run counted: batches of 32 never merge; 2 warmups
+
+
+def test_no_borrowing_when_turned_off(
+    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
+):
+    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
+    reference = lambda x: session.run(None, {"input": x})[0]  # noqa: E731
+    repo = tmp_path / "repository"
+    options = RepositoryOptions(borrow_idle_cores=False)
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
+    log = tmp_path / "server.log"
+    server, with_lock, counts = _serve_and_count(repo, log, reference, lone=3, concurrent=8)
+    assert counts == [] and not with_lock
