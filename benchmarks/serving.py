@@ -129,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     repo.add_argument("--instances", type=int)
     repo.add_argument("--intra-op-threads", type=int)
     repo.add_argument("--max-batch-size", type=int)
+    repo.add_argument("--borrow-idle-cores", type=int, choices=(0, 1))
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     given = [k for k in REPOSITORY_FLAGS if getattr(args, k) is not None]

@@ -21,6 +21,7 @@ REPOSITORY_FLAGS = {
     "instances": "instance_count",
     "intra_op_threads": "intra_op_threads",
     "max_batch_size": "max_batch_size",
+    "borrow_idle_cores": "borrow_idle_cores",
 }
 
 
@@ -109,9 +110,9 @@ def train_briefly(spec, dataset: str, data_dir: str, steps: int, batch_size: int
 def repository_defaults() -> dict:
     """This script's repository defaults, by argparse dest: those of ``RepositoryOptions()``,
     what ``medimg export`` writes -- 2 classifier instances, ONNX Runtime threads 0 (cores /
-    instances at load time), no queue delay, no preferred sizes, chosen with
-    ``benchmarks/serving_sweep.py`` (benchmarks/results/serving_sweep.md) -- so the run
-    measures the exported product. Needs the ``serving`` package importable (unshadowed)."""
+    instances at load time), idle cores borrowed, preferred batch 8 with a 0.5 ms delay,
+    chosen with ``benchmarks/serving_sweep.py`` (benchmarks/results/serving_sweep.md) -- so
+    the run measures the exported product. Needs the ``serving`` package importable (unshadowed)."""
     from serving.repository import RepositoryOptions
 
     defaults = RepositoryOptions()
@@ -128,6 +129,7 @@ def repository_options(args: argparse.Namespace):
         max_queue_delay_us=args.max_queue_delay_us,
         instance_count=args.instances,
         intra_op_threads=args.intra_op_threads,
+        borrow_idle_cores=bool(args.borrow_idle_cores),
     )
 
 
@@ -176,7 +178,8 @@ def options_summary(options) -> str:
     return (
         f"max_queue_delay_us={options.max_queue_delay_us} preferred={sizes} "
         f"instances={options.instance_count} intra_op_threads={options.intra_op_threads} "
-        f"max_batch_size={options.max_batch_size}"
+        f"max_batch_size={options.max_batch_size} "
+        f"borrow_idle_cores={int(options.borrow_idle_cores)}"
     )
 
 

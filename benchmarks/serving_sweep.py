@@ -39,9 +39,9 @@ from serving_paths import (
 
 HERE = Path(__file__).resolve().parent
 SPIN_OFF = (
-    "        options.inter_op_num_threads = 1\n",
-    "        options.inter_op_num_threads = 1\n"
-    '        options.add_session_config_entry("session.intra_op.allow_spinning", "0")\n',
+    "    options.inter_op_num_threads = 1\n",
+    "    options.inter_op_num_threads = 1\n"
+    '    options.add_session_config_entry("session.intra_op.allow_spinning", "0")\n',
 )
 
 
@@ -54,6 +54,7 @@ class Config:
     intra: int = 0
     protocol: str = "grpc"
     nospin: bool = False
+    borrow: bool = False  # borrow_idle_cores (serving/triton_backend/model.py)
 
 
 CONFIGS = (
@@ -74,6 +75,7 @@ CONFIGS = (
     Config("delay 250, pref 8, 2 inst x intra 1", 250, (8,), instances=2, intra=1),
     Config("delay 500, pref 8, 2 inst x intra 1", 500, (8,), instances=2, intra=1),
     Config("delay 1000, pref 8, 2 inst x intra 1", 1000, (8,), instances=2, intra=1),
+    Config("delay 500, pref 8, 2 inst x intra 1 +borrow", 500, (8,), 2, 1, borrow=True),
 )
 
 
@@ -98,6 +100,7 @@ def write_repository(prepared, config: Config, root: Path) -> Path:
         max_queue_delay_us=config.delay_us,
         instance_count=config.instances,
         intra_op_threads=config.intra,
+        borrow_idle_cores=config.borrow,
     )
     repository = Path(tempfile.mkdtemp(dir=root, prefix="repo-"))
     models = write_model_set(repository, prepared.spec, prepared.onnx_path, options)

@@ -16,10 +16,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from triton_fixtures import MODEL, running_server
+from triton_fixtures import MODEL, _ports, running_server
 
 from serving.model_configs import RepositoryOptions
 from serving.repository import read_config, write_model_set
+from serving.server import TritonServer
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -47,7 +48,7 @@ def _serve_and_count(repo, log, reference, *, lone: int, concurrent: int):
     with_lock = None
     for server in running_server(repo, log):
         with_lock = server.core_lock.exists()
-        for i in range(lone):
+        for _ in range(lone):
             x = rng.random((1, 1, 32, 32), dtype=np.float32)
             np.testing.assert_allclose(_infer(server.grpc_url, x), reference(x), atol=1e-5)
         batches = [rng.random((32, 1, 32, 32), dtype=np.float32) for _ in range(concurrent)]
@@ -89,5 +90,25 @@ def test_no_borrowing_when_turned_off(
     options = RepositoryOptions(borrow_idle_cores=False)
     write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
     log = tmp_path / "server.log"
-    server, with_lock, counts = _serve_and_count(repo, log, reference, lone=3, concurrent=8)
+    _, with_lock, counts = _serve_and_count(repo, log, reference, lone=3, concurrent=8)
     assert counts == [] and not with_lock
+
+
+def test_an_unusable_core_lock_still_serves(
+    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
+):
+    """The lock cannot be opened: a warning that names it, and every instance on its share."""
+    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
+    repo = tmp_path / "repository"
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, RepositoryOptions())
+    log = tmp_path / "server.log"
+    server = TritonServer(repo, log_file=log, **_ports())
+    server.core_lock = tmp_path / "no-such-dir" / "cores"
+    with server:
+        x = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)
+        got = _infer(server.grpc_url, x)
+    np.testing.assert_allclose(got, session.run(None, {"input": x})[0], atol=1e-5)
+    text = log.read_text()
+    assert "no borrowing of idle cores: cannot open the core lock" in text
+    assert str(server.core_lock) in text
+    assert not RUNS.findall(text)

@@ -99,8 +99,15 @@ class TritonPythonModel:
             )
         self.wide, self._lock, self.wide_runs, self.runs = None, None, 0, 0
         if params.get("borrow_idle_cores") == "1" and _instances(config) > 1 and threads < cores:
-            self.wide = _session(path, cores, stop_spinning=True)
-            self._lock = os.open(_core_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._lock = os.open(_core_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:  # still serves, on this instance's share of the cores
+                pb_utils.Logger.log_warn(
+                    f"model {self.model_name}: no borrowing of idle cores: cannot open the "
+                    f"core lock {_core_lock_path()}: {exc}"
+                )
+            else:
+                self.wide = _session(path, cores, stop_spinning=True)
 
     def _problem(self, array: np.ndarray) -> str | None:
         """What is wrong with one request's input, or None."""
