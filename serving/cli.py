@@ -280,6 +280,10 @@ def repository_options(args: argparse.Namespace):
 
     if args.trt_precision and args.target != "gpu":
         raise ConfigError("--trt-precision applies to --target gpu only (TensorRT on the GPU)")
+    if args.no_borrow_idle_cores and args.target != "cpu":
+        raise ConfigError(
+            "--no-borrow-idle-cores applies to --target cpu only (the Python backend's sessions)"
+        )
     batching = {  # unset: RepositoryOptions' measured defaults
         k: v
         for k, v in (

@@ -19,6 +19,7 @@ from serving.export import export_model
 from serving.model_configs import RepositoryOptions, classifier_config
 from serving.onnx_fp16 import FP16_PARITY_ATOL
 from serving.repository import read_config
+from training.errors import ConfigError
 from training.registry import LoadedModel
 
 pytestmark = pytest.mark.timeout(300)
@@ -128,3 +129,11 @@ def test_cli_batching_defaults_are_the_measured_ones(command) -> None:
         parser.parse_args([*base, "--preferred-batch-sizes", "4,16", "--max-queue-delay-us", "70"])
     )
     assert (given.preferred_batch_sizes, given.max_queue_delay_us) == ((4, 16), 70)
+    assert unset.borrow_idle_cores
+    assert not cli.repository_options(
+        parser.parse_args([*base, "--no-borrow-idle-cores"])
+    ).borrow_idle_cores
+    with pytest.raises(ConfigError, match="--no-borrow-idle-cores applies to --target cpu"):
+        cli.repository_options(
+            parser.parse_args([*base, "--target", "gpu", "--no-borrow-idle-cores"])
+        )
