@@ -95,6 +95,34 @@ def remove_shm_regions(prefix: str, root: Path = SHM_ROOT) -> list[str]:
     return removed
 
 
+CORE_LOCK_PREFIX = "medimg-cores-medimg"  # + launcher pid + "-" + hex: TritonServer.core_lock
+
+
+def remove_stale_core_locks(root: Path = SHM_ROOT) -> list[str]:
+    """Remove the core-lock files (triton_backend/model.py) of servers whose launching process
+    is gone without calling stop() (it died, or ``os._exit``): empty files, but one per such
+    server until reboot. A live launcher's locks stay. Returns the names removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in root.iterdir():
+            pid = entry.name.removeprefix(CORE_LOCK_PREFIX).split("-")[0]
+            if entry.name.startswith(CORE_LOCK_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _terminate(process: subprocess.Popen | None, timeout: float, *, group: bool) -> None:
     """SIGTERM by PID, then SIGKILL (to its process group if ``group``) after ``timeout`` s."""
     if process is None or process.poll() is not None:
@@ -160,7 +188,8 @@ class TritonServer:
         self.leaked_shm: list[str] = []  # regions a killed server left, removed by stop()
         # the classifier instances' lock for borrowing idle cores (triton_backend/model.py):
         # private to this server, removed by stop()
-        self.core_lock = SHM_ROOT / f"medimg-cores-{self.shm_prefix.rstrip('_')}"
+        name = self.shm_prefix.removeprefix("medimg").rstrip("_")  # <pid>-<hex>
+        self.core_lock = SHM_ROOT / f"{CORE_LOCK_PREFIX}{name}"
         # explicit mode: load/unload need this secret (serving.repository_token)
         explicit = model_control_mode == "explicit"
         self.repository_token = repository_token.new_token() if explicit else ""
@@ -248,6 +277,7 @@ class TritonServer:
         for name, port in self.ports.items():
             if port_in_use(self.host, port):
                 raise ServingError(f"{name} port {port} on {self.host} is already in use")
+        remove_stale_core_locks()
         home = prepare_server_home()
         self._triton_http_port = self.http_port
         while self.http_guard and self._triton_http_port in self.ports.values():

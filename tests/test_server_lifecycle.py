@@ -23,7 +23,12 @@ import pytest
 import tritonclient.http as httpclient
 from triton_fixtures import MODEL, _children, _ports, _processes
 
-from serving.server import TritonServer, port_in_use
+from serving.server import (
+    CORE_LOCK_PREFIX,
+    TritonServer,
+    port_in_use,
+    remove_stale_core_locks,
+)
 from serving.triton_home import prepare_server_home
 from training.errors import ConfigError, ServingError
 
@@ -164,7 +169,7 @@ def test_server_dies_with_the_process_that_started_it(
                               log_file=Path(sys.argv[2]))
         server.start()
         server.wait_ready()
-        print(server.pid, server.guard_pid, flush=True)
+        print(server.core_lock, server.pid, server.guard_pid, flush=True)
         os._exit(0)  # no stop(), no atexit: only PR_SET_PDEATHSIG can end the server
         """
     )
@@ -176,12 +181,29 @@ def test_server_dies_with_the_process_that_started_it(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    pid, guard_pid = map(int, done.stdout.split()[-2:])
+    lock, pid, guard_pid = done.stdout.split()[-3:]
+    pid, guard_pid = int(pid), int(guard_pid)
     deadline = time.monotonic() + 30
     while not (_gone(pid) and _gone(guard_pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _gone(pid), f"tritonserver {pid} outlived its parent"
     assert _gone(guard_pid), f"the HTTP guard {guard_pid} outlived its parent"
+    # nobody called stop(): the next server's start() sweeps the core lock it left
+    assert Path(lock).exists(), f"{lock}: the borrowing instances made no core lock"
+    assert Path(lock).name in remove_stale_core_locks()
+    assert not Path(lock).exists()
+
+
+def test_stale_core_locks_go_and_live_ones_stay(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f"{CORE_LOCK_PREFIX}{dead.stdout.strip()}-0a1b2c3d"
+    live = tmp_path / f"{CORE_LOCK_PREFIX}{os.getpid()}-0a1b2c3d"
+    other = tmp_path / "medimg-cores-1234"  # the fallback name outside TritonServer: not ours
+    for path in (stale, live, other):
+        path.touch()
+    assert remove_stale_core_locks(tmp_path) == [stale.name]
+    assert live.exists() and other.exists() and not stale.exists()
 
 
 def _stripped_env(cache: Path) -> dict[str, str]:
