@@ -43,7 +43,8 @@ def _infer(url: str, x: np.ndarray) -> np.ndarray:
 
 def _serve_and_count(repo, log, reference, *, lone: int, concurrent: int):
     """``lone`` requests one after another, then ``concurrent`` batches of 32 from 8
-    threads; every answer checked; returns (the server, its instances' (wide, all) runs)."""
+    threads; every answer checked. Returns the stopped server, whether its core lock existed
+    while it served, and each instance's (wide runs, all runs) from its finalize line."""
     rng = np.random.default_rng(0)
     with_lock = None
     for server in running_server(repo, log):

@@ -64,7 +64,8 @@ def _session(path: str, threads: int, *, stop_spinning: bool = False):
 
 
 class TritonPythonModel:
-    """One ONNX Runtime session per model instance, built once in :meth:`initialize`."""
+    """Per model instance one ONNX Runtime session over its share of the cores, and one
+    over every core when it borrows idle cores; both built once in :meth:`initialize`."""
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
