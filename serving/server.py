@@ -85,10 +85,15 @@ def remove_shm_regions(prefix: str, root: Path = SHM_ROOT) -> list[str]:
     server: :class:`TritonServer` makes one per instance. Returns the names removed."""
     if not prefix or "/" in prefix:
         raise ConfigError(f"shared-memory prefix must be a plain file-name prefix, got {prefix!r}")
+    return _unlink_where(root, lambda name: name.startswith(prefix))
+
+
+def _unlink_where(root: Path, matches: Callable[[str], bool]) -> list[str]:
+    """Remove the files in ``root`` whose name ``matches``; returns the names removed."""
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in root.iterdir():
-            if entry.name.startswith(prefix):
+            if matches(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
                     removed.append(entry.name)
@@ -102,15 +107,12 @@ def remove_stale_core_locks(root: Path = SHM_ROOT) -> list[str]:
     """Remove the core-lock files (triton_backend/model.py) of servers whose launching process
     is gone without calling stop() (it died, or ``os._exit``): empty files, but one per such
     server until reboot. A live launcher's locks stay. Returns the names removed."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in root.iterdir():
-            pid = entry.name.removeprefix(CORE_LOCK_PREFIX).split("-")[0]
-            if entry.name.startswith(CORE_LOCK_PREFIX) and pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed.append(entry.name)
-    return removed
+
+    def stale(name: str) -> bool:
+        pid = name.removeprefix(CORE_LOCK_PREFIX).split("-")[0]
+        return name.startswith(CORE_LOCK_PREFIX) and pid.isdigit() and not _alive(int(pid))
+
+    return _unlink_where(root, stale)
 
 
 def _alive(pid: int) -> bool:

@@ -88,8 +88,8 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], onnx_file)
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"model {self.model_name}: no ONNX file at {path}")
-        cores = len(os.sched_getaffinity(0))
-        threads = int(params.get("intra_op_threads") or 0) or max(1, cores // _instances(config))
+        cores, instances = len(os.sched_getaffinity(0)), _instances(config)
+        threads = int(params.get("intra_op_threads") or 0) or max(1, cores // instances)
         self.session = _session(path, threads)
         onnx_inputs = [i.name for i in self.session.get_inputs()]
         onnx_outputs = [o.name for o in self.session.get_outputs()]
@@ -99,13 +99,14 @@ class TritonPythonModel:
                 f"{self.output_name!r}, but {path} has inputs {onnx_inputs} and outputs {onnx_outputs}"
             )
         self.wide, self._lock, self.wide_runs, self.runs = None, None, 0, 0
-        if params.get("borrow_idle_cores") == "1" and _instances(config) > 1 and threads < cores:
+        if params.get("borrow_idle_cores") == "1" and instances > 1 and threads < cores:
+            lock = _core_lock_path()
             try:
-                self._lock = os.open(_core_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:  # still serves, on this instance's share of the cores
                 pb_utils.Logger.log_warn(
                     f"model {self.model_name}: no borrowing of idle cores: cannot open the "
-                    f"core lock {_core_lock_path()}: {exc}"
+                    f"core lock {lock}: {exc}"
                 )
             else:
                 self.wide = _session(path, cores, stop_spinning=True)
