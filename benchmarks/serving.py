@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,11 @@ from serving_model import (
     repository_defaults,
     repository_options,
 )
-from serving_paths import inprocess_sweep, naive_server, ort_session, triton_server
+from serving_paths import inprocess_sweep, naive_server, ort_session, triton_level, triton_server
+from serving_perf_analyzer import locate, pa_level, write_input
 from serving_report import (
     Round,
+    client_lines,
     last_line,
     markdown,
     measure_round,
@@ -110,6 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument(
+        "--load-generator",
+        choices=("perf_analyzer", "medimg"),
+        default="perf_analyzer",
+        help="(b)'s load: NVIDIA's perf_analyzer (fetched into medimg's cache when not on "
+        "PATH), with (b') medimg's Python client beside it for information; or medimg's "
+        "Python client alone (serving.bench.run_bench)",
+    )
+    p.add_argument("--perf-analyzer", default="", help="path of a perf_analyzer binary to use")
     p.add_argument("--batch-sizes", type=parse_sizes, default=BATCH_SIZES, help="in-process sweep")
     p.add_argument("--sweep-s", type=float, default=2.0, help="seconds per in-process size")
     p.add_argument("--latency-runs", type=int, default=500, help="in-process batch-1 runs")
@@ -141,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in repository_defaults().items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.perf_analyzer and args.load_generator != "perf_analyzer":
+        p.error("--perf-analyzer: only with --load-generator perf_analyzer")
     if args.weights and not args.model_repository:
         p.error("--weights: only with --model-repository (otherwise the model is made here)")
     if args.concurrency < 1 or args.rounds < 1 or args.duration_s <= 0 or args.warmup_s < 0:
@@ -150,6 +164,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         args.data_dir = default_data_dir()
     return args
+
+
+def loads(
+    prepared: Prepared, images: np.ndarray, args: argparse.Namespace, workdir: Path, url: str
+) -> tuple:
+    """``(load, client_load)`` for :func:`serving_report.measure_round`: (b) through
+    perf_analyzer and (b') through medimg's client, or (b) through medimg's client alone."""
+    client = partial(triton_level, url, prepared.classifier, args)
+    if args.load_generator == "medimg":
+        return client, None
+    pa = locate(args.perf_analyzer)
+    print(f"  load generator: {pa.version()} ({pa.binary})", flush=True)
+    data = write_input(images, prepared.spec.input_name, workdir / "perf_analyzer_input.json")
+    return partial(pa_level, pa, url, prepared.classifier, args, input_json=data), partial(
+        triton_level, url, prepared.classifier, args, label="(b')"
+    )
 
 
 def run_rounds(
@@ -165,11 +195,10 @@ def run_rounds(
         triton_server(prepared.repository, args.protocol) as triton_url,
         naive_server(prepared.weights, workdir) as naive_url,
     ):
+        load = loads(prepared, images, args, workdir, triton_url)
         for i in range(1, args.rounds + 1):
             print(f"round {i}/{args.rounds}", flush=True)
-            one = measure_round(
-                sessions, images, best, (triton_url, naive_url), prepared.classifier, args
-            )
+            one = measure_round(sessions, images, best, (triton_url, naive_url), load, args)
             for row in one.rows():
                 print(f"  {row_text(row)}", flush=True)
             print(f"  {last_line(one.ratios())} (others' CPU {one.others_cpu():.2f})", flush=True)
@@ -189,7 +218,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         raise BenchError(f"{prepared.onnx_path}: no batch size of {args.batch_sizes} ran")
     best = max(sweep, key=lambda r: r.throughput).batch_size
     print(
-        f"(a) best batch {best}; rounds of (a), (b) Triton {args.protocol}, (c) naive", flush=True
+        f"(a) best batch {best}; rounds of (a), (b) Triton {args.protocol} "
+        f"({args.load_generator}) on {prepared.classifier}, (c) naive",
+        flush=True,
     )
     rounds = run_rounds(prepared, images, best, args, workdir)
     used = quiet_rounds(rounds, args.quiet_cpu)
@@ -208,6 +239,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         table(rows),
         "",
         *ratio_lines(values),
+        *client_lines(used),
         "per-round range: "
         + ", ".join(f"{k} {lo:.2f}..{hi:.2f}" for k, (lo, hi) in spread(used).items()),
         f"{'served/inprocess_par':<20} "
@@ -230,7 +262,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "rows": [r.public() for r in rows],
         "rounds": [
             {
-                **{f.name: getattr(r, f.name).public() for f in fields(r)},
+                **{
+                    f.name: getattr(r, f.name).public()
+                    for f in fields(r)
+                    if getattr(r, f.name) is not None
+                },
                 "ratios": r.ratios(),
                 "quiet": r in used,
                 "others_cpu": r.others_cpu(),

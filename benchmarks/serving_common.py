@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -79,7 +80,7 @@ def others_cpu() -> Iterator[list[float]]:
     yielded list once the block ends. 0 where /proc is unavailable."""
     out: list[float] = []
     try:
-        start = (time.perf_counter(), _busy_jiffies(), _tree_jiffies(os.getpid()))
+        start = (time.perf_counter(), _busy_jiffies(), _tree_jiffies(os.getpid()), _reaped())
     except OSError:
         start = None
     try:
@@ -90,8 +91,15 @@ def others_cpu() -> Iterator[list[float]]:
         else:
             elapsed = time.perf_counter() - start[0]
             busy = _busy_jiffies() - start[1]
-            ours = _tree_jiffies(os.getpid()) - start[2]
+            ours = _tree_jiffies(os.getpid()) - start[2] + _reaped() - start[3]
             out.append(max(0.0, (busy - ours) / os.sysconf("SC_CLK_TCK") / elapsed))
+
+
+def _reaped() -> int:
+    """Jiffies of our child processes that have ended and been waited for (perf_analyzer):
+    gone from /proc, so :func:`_tree_jiffies` no longer sees them."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round((r.ru_utime + r.ru_stime) * os.sysconf("SC_CLK_TCK"))
 
 
 def measured(fn: Callable[..., PathResult], *args) -> PathResult:

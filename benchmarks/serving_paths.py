@@ -141,9 +141,11 @@ def triton_server(repository: Path, protocol: str) -> Iterator[str]:
         yield url
 
 
-def triton_level(url: str, model: str, args: argparse.Namespace, concurrency: int) -> PathResult:
-    """One :func:`serving.bench.run_bench` level: single-image requests of random
-    preprocessed tensors to the classifier ``model``."""
+def triton_level(
+    url: str, model: str, args: argparse.Namespace, concurrency: int, label: str = "(b)"
+) -> PathResult:
+    """One :func:`serving.bench.run_bench` level (medimg's Python client): single-image
+    requests of random preprocessed tensors to the classifier ``model``."""
     from serving.bench import BenchOptions, run_bench
 
     (r,) = run_bench(
@@ -160,7 +162,7 @@ def triton_level(url: str, model: str, args: argparse.Namespace, concurrency: in
     )
     return PathResult(
         "triton",
-        f"(b) Triton {args.protocol}, {model}",
+        f"{label} Triton {args.protocol}, medimg client",
         r.concurrency,
         1,
         float(r.throughput),

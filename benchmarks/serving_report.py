@@ -12,13 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from serving_common import PathResult, measured
-from serving_paths import (
-    inprocess_best,
-    inprocess_latency,
-    inprocess_parallel,
-    naive_level,
-    triton_level,
-)
+from serving_paths import inprocess_best, inprocess_latency, inprocess_parallel, naive_level
 
 TARGETS = {"served/inprocess": 0.90, "served/naive": 3.0, "p99c1/inprocess_b1": 1.5}
 
@@ -30,7 +24,9 @@ TARGETS = {"served/inprocess": 0.90, "served/naive": 3.0, "p99c1/inprocess_b1": 
 class Round:
     """One pass over every path, back to back, so machine noise hits them alike. (a) is
     measured on both sides of (b) at concurrency N, and batch-1 latency on both sides of
-    concurrency 1, so a drift in the machine's speed during the round cancels out."""
+    concurrency 1, so a drift in the machine's speed during the round cancels out. With
+    perf_analyzer as (b)'s load generator, (b') is the same load from medimg's own Python
+    client, measured right after (b) inside the same brackets: for information."""
 
     inprocess: PathResult  # best batch, before (b)
     inprocess_after: PathResult  # best batch, after (b)
@@ -39,17 +35,13 @@ class Round:
     served_c1: PathResult
     naive: PathResult
     inprocess_parallel: PathResult  # information: not in the ratios
+    client: PathResult | None = None  # (b') concurrency N, medimg's client
+    client_c1: PathResult | None = None
 
     def rows(self) -> list[PathResult]:
-        return [
-            self.inprocess,
-            self.inprocess_after,
-            self.inprocess_parallel,
-            self.served,
-            self.naive,
-            self.inprocess_b1,
-            self.served_c1,
-        ]
+        rows = [self.inprocess, self.served, self.client, self.inprocess_after]
+        rows += [self.inprocess_parallel, self.naive, self.inprocess_b1]
+        return [r for r in [*rows, self.served_c1, self.client_c1] if r is not None]
 
     def others_cpu(self) -> float:
         """The most CPU other processes took during any of this round's measurements."""
@@ -68,24 +60,32 @@ class Round:
             "p99c1/inprocess_b1": self.served_c1.p99_ms / self.inprocess_b1.p99_ms,
         }
 
+    def client_ratio(self) -> float | None:
+        """(b') against (a): what medimg's Python client gets of in-process speed."""
+        return self.client.throughput / self.inprocess_rate() if self.client else None
+
 
 def measure_round(
-    sessions: tuple, images: np.ndarray, best: int, urls: tuple[str, str], model: str, args
+    sessions: tuple, images: np.ndarray, best: int, urls: tuple[str, str], loads: tuple, args
 ) -> Round:
-    """(a) best batch, (b) concurrency N, (a) best batch again, (a') parallel one-thread
-    sessions, (c) concurrency N, (a) batch 1, (b) concurrency 1, (a) batch 1 again."""
-    (session, singles), (triton_url, naive_url) = sessions, urls
+    """(a) best batch, (b) concurrency N, [(b')], (a) best batch again, (a') parallel
+    one-thread sessions, (c) concurrency N, (a) batch 1, (b) concurrency 1, [(b')],
+    (a) batch 1 again. ``loads`` is ``(load, client_load)``: functions of the concurrency
+    that measure (b) and (b') (``client_load`` None: no (b'))."""
+    (session, singles), (_, naive_url), (load, client_load) = sessions, urls, loads
     inprocess = measured(inprocess_best, session, images, best, args.sweep_s)
-    served = measured(triton_level, triton_url, model, args, args.concurrency)
+    served = measured(load, args.concurrency)
+    client = measured(client_load, args.concurrency) if client_load else None
     inprocess_after = measured(inprocess_best, session, images, best, args.sweep_s)
     parallel = measured(inprocess_parallel, singles, images, best, args.sweep_s)
     naive = measured(naive_level, naive_url, images[0], args)
     half = max(1, args.latency_runs // 2)
     b1_before = measured(inprocess_latency, session, images, half)
-    c1 = measured(triton_level, triton_url, model, args, 1)
+    c1 = measured(load, 1)
+    client_c1 = measured(client_load, 1) if client_load else None
     b1_after = measured(inprocess_latency, session, images, half)
     b1 = pooled([b1_before, b1_after])
-    return Round(inprocess, inprocess_after, b1, served, c1, naive, parallel)
+    return Round(inprocess, inprocess_after, b1, served, c1, naive, parallel, client, client_c1)
 
 
 def pooled(rows: list[PathResult]) -> PathResult:
@@ -120,8 +120,9 @@ def summary_rows(rounds: list[Round]) -> list[PathResult]:
     """One row per path over ``rounds``: (a) best batch pools the runs before and after (b)."""
     rows = [pooled([r.inprocess_b1 for r in rounds])]
     rows.append(pooled([x for r in rounds for x in (r.inprocess, r.inprocess_after)]))
-    for name in ("inprocess_parallel", "served_c1", "served", "naive"):
-        rows.append(pooled([getattr(r, name) for r in rounds]))
+    for name in ("inprocess_parallel", "served_c1", "client_c1", "served", "client", "naive"):
+        if getattr(rounds[0], name) is not None:
+            rows.append(pooled([getattr(r, name) for r in rounds]))
     return rows
 
 
@@ -141,6 +142,20 @@ def median_ratios(rounds: list[Round]) -> dict[str, float]:
     c1 = pooled([r.served_c1 for r in rounds])
     values["p99c1/inprocess_b1"] = c1.p99_ms / b1.p99_ms
     return values
+
+
+def client_lines(rounds: list[Round]) -> list[str]:
+    """(b')'s ratios, for information: the same targets, medimg's Python client as the load."""
+    if rounds[0].client is None:
+        return []
+    ratio = float(np.median([r.client_ratio() for r in rounds]))
+    b1 = pooled([r.inprocess_b1 for r in rounds])
+    c1 = pooled([r.client_c1 for r in rounds])
+    return [
+        f"{'served/inprocess':<20} {ratio:6.3f}  (information: (b') medimg's Python client "
+        "as the load generator)",
+        f"{'p99c1/inprocess_b1':<20} {c1.p99_ms / b1.p99_ms:6.3f}  (information: (b'))",
+    ]
 
 
 def spread(rounds: list[Round]) -> dict[str, tuple[float, float]]:
@@ -195,8 +210,13 @@ def last_line(values: dict) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in values.items())
 
 
+# columns added after the first runs, with the value those runs had
+CSV_ADDED = {"load_generator": "medimg"}
+
+
 def write_results(out_dir: Path, report: dict, text: str) -> None:
-    """``serving.json`` and ``serving.md`` (this run), one row appended to ``serving.csv``."""
+    """``serving.json`` and ``serving.md`` (this run), one row appended to ``serving.csv``
+    (an older file gets the columns added since, filled with what its runs used)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "serving.md").write_text(text)
@@ -204,6 +224,7 @@ def write_results(out_dir: Path, report: dict, text: str) -> None:
     row = {
         "time": report["time"],
         "protocol": report["options"]["protocol"],
+        "load_generator": report["options"]["load_generator"],
         "concurrency": report["options"]["concurrency"],
         "duration_s": report["options"]["duration_s"],
         "repository": report["repository_options"],
@@ -211,12 +232,14 @@ def write_results(out_dir: Path, report: dict, text: str) -> None:
         "load_before": report["load_average"][0],
         "load_after": report["load_average"][1],
     }
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
+    rows = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            rows = [{**CSV_ADDED, **old} for old in csv.DictReader(fh)]
+    with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        writer.writeheader()
+        writer.writerows([*rows, row])
 
 
 def markdown(report: dict, rows: list[PathResult], lines: list[str]) -> str:
