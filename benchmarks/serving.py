@@ -4,7 +4,12 @@
 (b) our Triton server (the embedded ``tritonserver``, started here on free loopback ports)
     with single-image requests to the classifier ``NAME_onnx`` (preprocessed float
     tensors: the same work as (a)) at concurrency 16 for throughput and at concurrency 1
-    for p99, load from :func:`serving.bench.run_bench`;
+    for p99. The load comes from NVIDIA's perf_analyzer
+    (``serving_perf_analyzer.py``: found on PATH or in medimg's cache, else fetched from
+    the package registry), the tool Triton's own numbers are quoted with; (b'), measured
+    right after (b) in the same brackets, is the same load from medimg's Python client
+    (:func:`serving.bench.run_bench`), for information. ``--load-generator medimg``
+    makes medimg's client (b) and drops (b');
 (c) a naive baseline: FastAPI + PyTorch eager, one request one forward pass
     (``benchmarks/naive_server.py``, its own uvicorn process stopped by its PID), driven
     by an asyncio aiohttp client with the same concurrency and duration as (b).
@@ -33,12 +38,13 @@ temporary directory, with the repository options below. Their defaults are
 ``serving.model_configs.RepositoryOptions()``, what ``medimg export`` writes (settings
 chosen with ``benchmarks/serving_sweep.py``), so this measures the exported product; the
 options override them. The code is split by concern: ``serving_model.py`` (the model),
-``serving_paths.py`` (the measured paths), ``serving_report.py`` (rounds and report),
-``serving_common.py`` (the row, the error, others' CPU)::
+``serving_paths.py`` (the measured paths), ``serving_perf_analyzer.py`` (the load
+generator), ``serving_report.py`` (rounds and report), ``serving_common.py`` (the row, the
+error, others' CPU)::
 
     python benchmarks/serving.py --data-dir ../shared/data
     python benchmarks/serving.py --data-dir ../shared/data --model-repository model_repository \
-        --weights model.pt --protocol http --duration-s 20
+        --weights model.pt --protocol http --duration-s 20 --load-generator medimg
 """
 
 from __future__ import annotations
@@ -175,7 +181,8 @@ def loads(
     if args.load_generator == "medimg":
         return client, None
     pa = locate(args.perf_analyzer)
-    print(f"  load generator: {pa.version()} ({pa.binary})", flush=True)
+    prepared.notes.append(f"(b) load generator: {pa.version()} ({pa.binary})")
+    print(f"  {prepared.notes[-1]}", flush=True)
     data = write_input(images, prepared.spec.input_name, workdir / "perf_analyzer_input.json")
     return partial(pa_level, pa, url, prepared.classifier, args, input_json=data), partial(
         triton_level, url, prepared.classifier, args, label="(b')"
