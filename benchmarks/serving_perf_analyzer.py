@@ -4,12 +4,12 @@ The ``tritonclient`` wheels of releases 2.2x-2.6x carry a ``perf_analyzer`` bina
 (``tritonclient-V.data/data/bin/perf_analyzer``). 2.48.0 is a release whose binary runs on
 glibc 2.36 (Debian 12; 2.52 and later need 2.38). It links ``libb64.so.0d`` and
 ``libcudart.so.12`` (loaded, never used without a GPU), both of which the nvidia-pytriton
-wheel bundles for its tritonserver (``nvidia_pytriton.libs``, under hashed names; copied).
+wheel bundles for its tritonserver (``nvidia_pytriton.libs``, under hashed names).
 
 :func:`locate` finds a binary in this order: an explicit path (``--perf-analyzer``), a
 ``perf_analyzer`` on ``PATH``, medimg's tool cache (``serving.triton_home.cache_dir()``/
 ``perf_analyzer-V``); else it fetches the wheel with ``pip download`` (the package
-registry) into that cache, extracts the binary and links the two libraries beside it.
+registry) into that cache, extracts the binary and copies the two libraries beside it.
 :func:`pa_level` runs one concurrency level and returns a row of the table: throughput
 from perf_analyzer's CSV, every request's latency from its profile export (for pooled
 percentiles), the server-side split, the average batch from Triton's statistics and
@@ -68,8 +68,9 @@ def _cached(home: Path) -> PerfAnalyzer | None:
 
 
 def _fetch(home: Path) -> None:
-    """The wheel from the package registry, its binary extracted, the libraries linked;
-    built beside ``home`` and renamed into place, so a half-done fetch is never used."""
+    """The wheel from the package registry, its binary extracted, the two libraries copied
+    beside it; built next to ``home`` and renamed into place, so a half-done fetch is
+    never used."""
     from serving.triton_home import wheel_paths
 
     _, libs = wheel_paths()
@@ -125,7 +126,10 @@ def locate(explicit: str = "", cache: Path | None = None) -> PerfAnalyzer:
             _fetch(home)
             found = _cached(home)
         if found is None:
-            raise BenchError(f"{home}: no usable perf_analyzer after fetching it")
+            raise BenchError(
+                f"{home}: incomplete perf_analyzer (no bin/perf_analyzer or lib/ of "
+                f"{', '.join(LIBRARIES)}): remove the folder to fetch it again"
+            )
     found.version()  # fails here, with its message, if it cannot run
     return found
 

@@ -236,10 +236,12 @@ def write_results(out_dir: Path, report: dict, text: str) -> None:
     if path.exists():
         with open(path, newline="") as fh:
             rows = [{**CSV_ADDED, **old} for old in csv.DictReader(fh)]
-    with open(path, "w", newline="") as fh:
+    partial = path.with_name(path.name + ".partial")  # renamed over it: never half a file
+    with open(partial, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))
         writer.writeheader()
         writer.writerows([*rows, row])
+    partial.replace(path)
 
 
 def markdown(report: dict, rows: list[PathResult], lines: list[str]) -> str:
