@@ -255,11 +255,12 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
                    "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
     g.add_argument("--max-batch-size", type=int, default=32)
     g.add_argument("--preferred-batch-sizes", type=int_list, default=None,
-                   help="dynamic batching: the sizes the batcher cuts a queue into (default 8; "
-                   "'' for none: batches of whatever is queued)")  # fmt: skip
+                   help="the classifier's dynamic batching: the sizes the batcher cuts a queue "
+                   "into (default 8; '' for none: batches of whatever is queued)")  # fmt: skip
     g.add_argument("--max-queue-delay-us", type=int, default=None,
-                   help="dynamic batching: how long a batch short of a preferred size may wait "
-                   "for more requests (default 500)")  # fmt: skip
+                   help="the classifier's dynamic batching: how long a batch short of a "
+                   "preferred size may wait for more requests (default 500; NAME_preprocess "
+                   "never waits)")  # fmt: skip
     g.add_argument("--instances", type=int, default=2, help="classifier instances (default 2)")
     g.add_argument("--preprocess-instances", type=int, default=1)
     g.add_argument("--intra-op-threads", type=int, default=0,

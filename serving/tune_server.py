@@ -1,8 +1,8 @@
 """``medimg tune-server``: sweep the serving knobs on our own bench and write the best
 config (the Model Analyzer idea, for the embedded CPU server).
 
-Knobs: the dynamic batcher's ``max_queue_delay_microseconds`` (both steps), preferred
-batch sizes, classifier and preprocess instance counts, and ONNX Runtime's intra-op
+Knobs: the classifier's dynamic batcher (``max_queue_delay_microseconds``, preferred
+batch sizes; ``NAME_preprocess`` keeps its own, as exported: no delay), classifier and preprocess instance counts, and ONNX Runtime's intra-op
 threads. The sweep is coordinate descent: one knob at a time over its values, the
 others held at the best so far, starting from the repository's current config. A delay and a
 preferred size pay together (the size caps each batch, so a queue splits evenly among the
@@ -103,12 +103,13 @@ def apply_knobs(repository: Path, models: list[str], knobs: Knobs) -> dict[str, 
     configs = {}
     for name in (pre, classifier):
         config = read_config(repository / name)
-        batching = config.dynamic_batching
-        batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
-        del batching.preferred_batch_size[:]
-        batching.preferred_batch_size.extend(
-            s for s in knobs.preferred_batch_sizes if s <= config.max_batch_size
-        )
+        if name == classifier:
+            batching = config.dynamic_batching
+            batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
+            del batching.preferred_batch_size[:]
+            batching.preferred_batch_size.extend(
+                s for s in knobs.preferred_batch_sizes if s <= config.max_batch_size
+            )
         del config.instance_group[1:]
         config.instance_group[0].count = (
             knobs.instances if name == classifier else knobs.preprocess_instances

@@ -204,6 +204,10 @@ def test_options_reach_the_configs(tmp_path, tiny_classifier_spec, tiny_classifi
     assert not config.model_warmup
     pre = read_config(models.preprocess)
     assert pre.instance_group[0].count == 3 and not pre.model_warmup
+    # the batcher's delay and sizes are the classifier's: preprocess takes what is queued
+    assert pre.HasField("dynamic_batching")
+    assert not pre.dynamic_batching.preferred_batch_size
+    assert pre.dynamic_batching.max_queue_delay_microseconds == 0
     assert (models.classifier / "3" / "model.onnx").is_file()
     assert (models.preprocess / "3" / "model.py").is_file()
 
