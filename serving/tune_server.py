@@ -11,9 +11,10 @@ at a time: start from the export defaults, which hold such a pair. Each
 trial serves a copy of the model set (configs rewritten, version folders linked, not
 copied) on free loopback ports and runs ``medimg bench`` at the given concurrency
 levels; the score is the throughput at the highest level, among trials whose p99 at
-the lowest level fits ``--p99-budget-ms``. The winner is written into the repository
-only if it beats the current config by ``--min-gain``; the old configs are kept as
-``config.pbtxt.before-tune``::
+the lowest level fits ``--p99-budget-ms`` (while none fits, the descent follows the
+lower p99, and the error names the closest configuration). The winner is written into
+the repository only if it beats the current config by ``--min-gain``; the old configs
+are kept as ``config.pbtxt.before-tune``::
 
     medimg tune-server --model pneumoniamnist-densenet121 --concurrency 1,16 --p99-budget-ms 15
 """
@@ -71,6 +72,17 @@ class Trial:
     throughput: float
     p99_low_ms: float
     feasible: bool
+
+
+def rank(trial: Trial) -> tuple[int, float]:
+    """Order of preference: feasible trials by throughput; then, while no trial fits the
+    p99 budget, the lower p99 (so the descent walks towards the budget instead of
+    staying where it started); trials with failed requests last."""
+    if trial.feasible:
+        return 2, trial.throughput
+    if any(r.failed for r in trial.results):
+        return 0, 0.0
+    return 1, -trial.p99_low_ms
 
 
 def current_knobs(repository: Path, model: str) -> tuple[Knobs, list[str]]:
@@ -188,7 +200,7 @@ def sweep(
     for knob, values in space.items():
         for value in values:
             trial = run(replace(best.knobs, **{knob: value}))
-            if trial.feasible and (not best.feasible or trial.throughput > best.throughput):
+            if rank(trial) > rank(best):
                 best = trial
     return baseline, list(seen.values())
 
@@ -219,9 +231,14 @@ def trial_rows(trials: list[Trial]) -> list[dict[str, object]]:
 def check_result(best: Trial, baseline: Trial, min_gain: float) -> bool:
     """Whether ``best`` is worth writing: feasible and ``min_gain`` better than the baseline."""
     if not best.feasible:
+        closest = (
+            f"; the lowest p99 was {best.p99_low_ms:.2f} ms ({best.knobs.label()})"
+            if rank(best)[0] == 1
+            else ""
+        )
         raise ServingError(
             "no configuration met the constraints (every trial failed requests or exceeded "
-            "--p99-budget-ms); the repository is unchanged"
+            f"--p99-budget-ms){closest}; the repository is unchanged"
         )
     if best.knobs == baseline.knobs:
         return False
@@ -267,7 +284,7 @@ def cmd_tune_server(args: argparse.Namespace) -> int:
 
     baseline, trials_run = sweep(repository, args.model, bench, space=space,
                                  p99_budget_ms=args.p99_budget_ms, on_trial=show)  # fmt: skip
-    best = max((t for t in trials_run if t.feasible), key=lambda t: t.throughput, default=baseline)
+    best = max(trials_run, key=rank)
     out = Path(args.out) / f"tune-server-{args.model}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(trials_run)

@@ -278,6 +278,36 @@ def test_tune_server_leaves_the_repository_alone_when_nothing_fits(
     assert {p: p.read_bytes() for p in repo.rglob("config.pbtxt")} == snapshot
 
 
+def test_tune_server_walks_towards_the_p99_budget_while_nothing_fits(
+    tiny_classifier_repository, tmp_path, triton_cache_dir
+) -> None:
+    """With every trial over the budget the descent still moves, to the lower p99: a 20 ms
+    queue delay at concurrency 1 (each lone request waits it out) loses to none, and the
+    next knob is tried from there; the error names the closest configuration."""
+    from dataclasses import replace
+
+    from serving.tune_server import check_result
+
+    repo = tmp_path / "repository"
+    shutil.copytree(tiny_classifier_repository, repo)
+    slow = replace(current_knobs(repo, MODEL)[0], max_queue_delay_us=20000)
+    write_best(repo, MODEL, slow)
+    bench = BenchOptions(protocol="grpc", model=f"{MODEL}_onnx", concurrency=(1,),
+                         duration_s=0.6, warmup_s=0.1)  # fmt: skip
+    space = {"max_queue_delay_us": (0,), "preferred_batch_sizes": ((),)}
+    baseline, trials = sweep(repo, MODEL, bench, space=space, p99_budget_ms=0.001)
+    assert [t.knobs for t in trials] == [
+        slow,
+        replace(slow, max_queue_delay_us=0),
+        replace(slow, max_queue_delay_us=0, preferred_batch_sizes=()),
+    ]
+    assert not any(t.feasible for t in trials)
+    assert baseline.p99_low_ms >= 20 > trials[1].p99_low_ms
+    best = min(trials, key=lambda t: t.p99_low_ms)
+    with pytest.raises(ServingError, match=rf"lowest p99 was {best.p99_low_ms:.2f} ms \(delay 0us"):
+        check_result(best, baseline, 0.1)
+
+
 def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
     png = folder / "img0.png"
     text = _run(medimg_cmd, "classify", png, "--url", server["http"])
