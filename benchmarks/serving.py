@@ -128,6 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Python client alone (serving.bench.run_bench)",
     )
     p.add_argument("--perf-analyzer", default="", help="path of a perf_analyzer binary to use")
+    p.add_argument(
+        "--shared-memory",
+        choices=("none", "system"),
+        default="none",
+        help="(b)'s and (b')'s tensors through system shared memory regions registered with "
+        "the server (zero-copy on one host; a client on another host cannot use it): "
+        "perf_analyzer --shared-memory=system, medimg's client BenchOptions.shared_memory",
+    )
     p.add_argument("--batch-sizes", type=parse_sizes, default=BATCH_SIZES, help="in-process sweep")
     p.add_argument("--sweep-s", type=float, default=2.0, help="seconds per in-process size")
     p.add_argument("--latency-runs", type=int, default=500, help="in-process batch-1 runs")

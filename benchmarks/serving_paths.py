@@ -158,11 +158,13 @@ def triton_level(
             duration_s=args.duration_s,
             warmup_s=args.warmup_s,
             input="random",
+            shared_memory=args.shared_memory == "system",
         )
     )
     return PathResult(
         "triton",
-        f"{label} Triton {args.protocol}, medimg client",
+        f"{label} Triton {args.protocol}, medimg client"
+        + (", system shm" if args.shared_memory == "system" else ""),
         r.concurrency,
         1,
         float(r.throughput),

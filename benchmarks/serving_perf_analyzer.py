@@ -185,11 +185,16 @@ def _batch_counts(url: str, protocol: str, model: str) -> tuple[int, int]:
     return int(row.get("inference_count", 0)), int(row.get("execution_count", 0))
 
 
+_SHM_LABEL = {"none": "", "system": ", system shm"}
+
+
 def pa_level(
     pa: PerfAnalyzer, url: str, model: str, args, concurrency: int, input_json: Path
 ) -> PathResult:
     """perf_analyzer at ``concurrency`` against ``model``: three measurement windows of
-    ``--duration-s``/3 each (all three count; the server is warm from earlier levels)."""
+    ``--duration-s``/3 each (all three count; the server is warm from earlier levels);
+    with ``args.shared_memory == "system"`` the tensors go through system shared memory
+    regions that perf_analyzer registers with the server and removes at its end."""
     window_ms = max(500, int(args.duration_s * 1000 / 3))
     with tempfile.TemporaryDirectory(prefix="medimg-pa-") as tmp:
         report, profile = Path(tmp) / "pa.csv", Path(tmp) / "profile.json"
@@ -198,6 +203,8 @@ def pa_level(
                f"--measurement-interval={window_ms}", "--stability-percentage=999",
                "--max-trials=3", f"--input-data={input_json}", "-f", str(report),
                f"--profile-export-file={profile}"]  # fmt: skip
+        if args.shared_memory != "none":  # tensors through shared memory, not the socket
+            cmd.append(f"--shared-memory={args.shared_memory}")
         before = _batch_counts(url, args.protocol, model)
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(cmd, env=pa.env, capture_output=True, text=True)
@@ -219,7 +226,7 @@ def pa_level(
     ms = np.asarray(samples)
     return PathResult(
         "triton",
-        f"(b) Triton {args.protocol}, perf_analyzer",
+        f"(b) Triton {args.protocol}, perf_analyzer{_SHM_LABEL[args.shared_memory]}",
         concurrency,
         1,
         float(row["Inferences/Second"]),

@@ -72,7 +72,7 @@ def test_a_level_counts_every_request_the_server_answered(
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, spec.channels, spec.image_size, spec.image_size))
     data = write_input(images.astype(np.float32), spec.input_name, tmp_path / "input.json")
-    args = argparse.Namespace(protocol="grpc", duration_s=1.5)
+    args = argparse.Namespace(protocol="grpc", duration_s=1.5, shared_memory="none")
     before = _inferences(server.grpc_url)
     row = pa_level(perf_analyzer, server.grpc_url, CLASSIFIER, args, 2, data)
     answered = _inferences(server.grpc_url) - before
@@ -90,6 +90,28 @@ def test_a_level_counts_every_request_the_server_answered(
 
 def test_a_model_the_server_does_not_have_is_named_in_the_error(server, perf_analyzer, tmp_path):
     data = write_input(np.zeros((1, 1, 32, 32), np.float32), "input", tmp_path / "input.json")
-    args = argparse.Namespace(protocol="grpc", duration_s=1.5)
+    args = argparse.Namespace(protocol="grpc", duration_s=1.5, shared_memory="none")
     with pytest.raises(BenchError, match=r"model .no-such-model. at 127\.0\.0\.1"):
         pa_level(perf_analyzer, server.grpc_url, "no-such-model", args, 1, data)
+
+
+def test_a_level_through_system_shared_memory_leaves_no_region_behind(
+    server, perf_analyzer, tiny_classifier_spec, tmp_path
+):
+    """``--shared-memory system``: the same requests through regions perf_analyzer
+    registers with the server, all of them answered, none left registered at the end."""
+    spec = tiny_classifier_spec
+    images = np.random.default_rng(1).normal(
+        size=(4, spec.channels, spec.image_size, spec.image_size)
+    )
+    data = write_input(images.astype(np.float32), spec.input_name, tmp_path / "input.json")
+    args = argparse.Namespace(protocol="grpc", duration_s=1.5, shared_memory="system")
+    before = _inferences(server.grpc_url)
+    row = pa_level(perf_analyzer, server.grpc_url, CLASSIFIER, args, 2, data)
+    answered = _inferences(server.grpc_url) - before
+
+    assert row.label.endswith("perf_analyzer, system shm")
+    assert 0.9 * answered <= row.requests <= answered and row.requests > 20
+    assert row.failed == 0 and row.extra["compute_infer_us"] > 0
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        assert c.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
