@@ -53,16 +53,21 @@ class Knobs:
         )
 
 
-def default_space(cores: int | None = None) -> dict[str, tuple]:
-    """The values each knob takes in the sweep, in sweep order."""
+def default_space(cores: int | None = None, send: str = "images") -> dict[str, tuple]:
+    """The values each knob takes in the sweep, in sweep order. With ``send="tensors"``
+    the bench never reaches ``NAME_preprocess``: its instance count is not swept (any
+    difference would be noise, and noise would get written)."""
     cores = cores or os.cpu_count() or 1
-    return {
+    space = {
         "max_queue_delay_us": (0, 100, 500, 1000, 5000),
         "intra_op_threads": tuple(sorted({1, max(1, cores // 2), cores})),
         "instances": (1, 2),
         "preprocess_instances": (1, 2),
         "preferred_batch_sizes": ((), (8,), (4, 8, 16), (8, 16, 32)),
     }
+    if send == "tensors":
+        del space["preprocess_instances"]
+    return space
 
 
 @dataclass
@@ -272,7 +277,7 @@ def cmd_tune_server(args: argparse.Namespace) -> int:
     target = models[0] if args.send == "images" else models[2]
     bench = BenchOptions(protocol=args.protocol, model=target, concurrency=args.concurrency,
                          duration_s=args.duration_s, warmup_s=args.warmup_s)  # fmt: skip
-    space = default_space()
+    space = default_space(send=args.send)
     trials = 1 + sum(len(v) for v in space.values())
     print(f"current: {knobs.label()}\nup to {trials} trials of about "
           f"{len(bench.concurrency) * (bench.duration_s + bench.warmup_s) + 10:.0f} s", flush=True)  # fmt: skip

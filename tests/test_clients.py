@@ -308,6 +308,14 @@ def test_tune_server_walks_towards_the_p99_budget_while_nothing_fits(
         check_result(best, baseline, 0.1)
 
 
+def test_tune_server_does_not_sweep_what_its_bench_never_reaches() -> None:
+    from serving.tune_server import default_space
+
+    assert "preprocess_instances" in default_space(2, send="images")
+    tensors = default_space(2, send="tensors")
+    assert "preprocess_instances" not in tensors and tensors["instances"] == (1, 2)
+
+
 def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
     png = folder / "img0.png"
     text = _run(medimg_cmd, "classify", png, "--url", server["http"])
