@@ -113,3 +113,38 @@ def test_an_unusable_core_lock_still_serves(
     assert "no borrowing of idle cores: cannot open the core lock" in text
     assert str(server.core_lock) in text
     assert not RUNS.findall(text)
+
+
+def test_one_instance_over_every_core_stops_spinning_between_runs(
+    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
+):
+    """One instance of two threads (what tune-server may pick for latency): no borrowing,
+    threads that sleep between runs (said in the log), the same answers."""
+    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
+    reference = lambda x: session.run(None, {"input": x})[0]  # noqa: E731
+    repo = tmp_path / "repository"
+    options = RepositoryOptions(instance_count=1, intra_op_threads=2)
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
+    log = tmp_path / "server.log"
+    _, with_lock, counts = _serve_and_count(repo, log, reference, lone=3, concurrent=8)
+    assert counts == [] and not with_lock
+    assert re.findall(r'model (\S+): ONNX Runtime on ([^"\n]*)', log.read_text()) == [
+        (CLASSIFIER, "2 thread(s); threads stop spinning after each run")
+    ]
+
+
+def test_the_log_says_how_each_instance_runs(
+    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
+):
+    repo = tmp_path / "repository"
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, RepositoryOptions())
+    log = tmp_path / "server.log"
+    for _ in running_server(repo, log):
+        pass
+    cores = len(os.sched_getaffinity(0))  # the defaults: 2 instances of cores / 2 threads
+    line = (
+        f"{cores // 2} thread(s), on {cores} when no other instance runs; "
+        "threads stop spinning after each run"
+    )
+    found = re.findall(r'model (\S+): ONNX Runtime on ([^"\n]*)', log.read_text())
+    assert found == [(CLASSIFIER, line)] * 2
