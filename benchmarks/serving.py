@@ -65,6 +65,7 @@ from serving_model import (
     BATCH_SIZES,
     REPOSITORY_FLAGS,
     Prepared,
+    config_summary,
     options_summary,
     prepare,
     repository_defaults,
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         f"Python {platform.python_version()}",
         "load_average": [load_before, os.getloadavg()[0]],
         "options": vars(args),
-        "repository_options": ""
+        "repository_options": config_summary(prepared.repository, prepared.classifier)
         if args.model_repository
         else options_summary(repository_options(args)),
         "notes": prepared.notes,

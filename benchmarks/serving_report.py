@@ -211,7 +211,7 @@ def last_line(values: dict) -> str:
 
 
 # columns added after the first runs, with the value those runs had
-CSV_ADDED = {"load_generator": "medimg"}
+CSV_ADDED = {"load_generator": "medimg", "shared_memory": "none"}
 
 
 def write_results(out_dir: Path, report: dict, text: str) -> None:
@@ -225,6 +225,7 @@ def write_results(out_dir: Path, report: dict, text: str) -> None:
         "time": report["time"],
         "protocol": report["options"]["protocol"],
         "load_generator": report["options"]["load_generator"],
+        "shared_memory": report["options"]["shared_memory"],
         "concurrency": report["options"]["concurrency"],
         "duration_s": report["options"]["duration_s"],
         "repository": report["repository_options"],
