@@ -333,6 +333,39 @@ def backend_model(tiny_classifier_repository, monkeypatch):
     model.finalize()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backend_sessions_of_several_threads_stop_spinning_after_a_run(
+    tiny_classifier_repository, monkeypatch, threads
+):
+    """One instance: its session's threads sleep between runs when it has more than one
+    (a spinning idle thread takes a core from the server's own threads), and the log says so."""
+    pb = _fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    module_spec = importlib.util.spec_from_file_location("medimg_backend_model3", BACKEND_MODEL)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    model_dir = tiny_classifier_repository / CLASSIFIER
+    proto = read_config(model_dir)
+    proto.instance_group[0].count = 1
+    proto.parameters["intra_op_threads"].string_value = str(threads)
+    config = json_format.MessageToJson(proto, preserving_proto_field_name=True)
+    model = module.TritonPythonModel()
+    model.initialize(
+        {"model_config": config, "model_repository": str(model_dir), "model_version": "1"}
+    )
+    options = model.session.get_session_options()
+    assert options.intra_op_num_threads == threads and model.wide is None
+    try:
+        stops = options.get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # ONNX Runtime's answer for a key never set
+        stops = None
+    assert stops == ("1" if threads > 1 else None)
+    said = f"model {CLASSIFIER}: ONNX Runtime on {threads} thread(s)"
+    said += "; threads stop spinning after each run" if threads > 1 else ""
+    assert pb.logged == [("info", said)]
+    model.finalize()
+
+
 def test_backend_batches_valid_requests_into_one_run(backend_model, tiny_classifier_onnx):
     model, pb, runs = backend_model
     rng = np.random.default_rng(0)

@@ -182,7 +182,14 @@ def fake_pb_utils() -> types.ModuleType:
     def get_input_tensor_by_name(request, name):
         return request.get(name)
 
+    logged: list[tuple[str, str]] = []  # what the server would log, for tests to read
+    logger = types.SimpleNamespace(
+        log_info=lambda message: logged.append(("info", message)),
+        log_warn=lambda message: logged.append(("warn", message)),
+    )
+
     pb.Tensor, pb.InferenceResponse, pb.TritonError = Tensor, InferenceResponse, FakeTritonError
     pb.TritonModelException = RuntimeError
     pb.get_input_tensor_by_name = get_input_tensor_by_name
+    pb.Logger, pb.logged = logger, logged
     return pb
