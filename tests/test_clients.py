@@ -314,6 +314,9 @@ def test_tune_server_does_not_sweep_what_its_bench_never_reaches() -> None:
     assert "preprocess_instances" in default_space(2, send="images")
     tensors = default_space(2, send="tensors")
     assert "preprocess_instances" not in tensors and tensors["instances"] == (1, 2)
+    # instances before threads: one instance keeps "0" (every core) when it is tried
+    order = list(tensors)
+    assert order.index("instances") < order.index("intra_op_threads")
 
 
 def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
