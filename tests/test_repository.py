@@ -305,13 +305,20 @@ _fake_pb_utils = fake_pb_utils
 _TritonError = FakeTritonError
 
 
-@pytest.fixture()
-def backend_model(tiny_classifier_repository, monkeypatch):
+def _backend_module(monkeypatch, name: str):
+    """serving/triton_backend/model.py imported as ``name`` over a fresh pb_utils stand-in:
+    (module, stand-in)."""
     pb = _fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    module_spec = importlib.util.spec_from_file_location("medimg_backend_model", BACKEND_MODEL)
+    module_spec = importlib.util.spec_from_file_location(name, BACKEND_MODEL)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module, pb
+
+
+@pytest.fixture()
+def backend_model(tiny_classifier_repository, monkeypatch):
+    module, pb = _backend_module(monkeypatch, "medimg_backend_model")
     model_dir = tiny_classifier_repository / CLASSIFIER
     proto = read_config(model_dir)
     proto.parameters["borrow_idle_cores"].string_value = "0"  # one session: tests/test_borrow*
@@ -339,11 +346,7 @@ def test_backend_sessions_of_several_threads_stop_spinning_after_a_run(
 ):
     """One instance: its session's threads sleep between runs when it has more than one
     (a spinning idle thread takes a core from the server's own threads), and the log says so."""
-    pb = _fake_pb_utils()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    module_spec = importlib.util.spec_from_file_location("medimg_backend_model3", BACKEND_MODEL)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module, pb = _backend_module(monkeypatch, "medimg_backend_model3")
     model_dir = tiny_classifier_repository / CLASSIFIER
     proto = read_config(model_dir)
     proto.instance_group[0].count = 1
@@ -409,10 +412,7 @@ def test_backend_turns_runtime_failures_into_error_responses(backend_model):
 
 
 def test_backend_refuses_an_onnx_file_with_other_names(tmp_path, tiny_classifier_onnx, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    module_spec = importlib.util.spec_from_file_location("medimg_backend_model2", BACKEND_MODEL)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module, _ = _backend_module(monkeypatch, "medimg_backend_model2")
     from training.spec import ModelSpec
 
     spec = ModelSpec("x", "binary-class", ("a", "b"), 32, 1, input_name="pixels")
