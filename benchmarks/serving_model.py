@@ -184,21 +184,22 @@ def options_summary(options) -> str:
 
 
 def config_summary(repository: Path, classifier: str) -> str:
-    """:func:`options_summary`'s line for a classifier's config.pbtxt as it is on disk
-    (a reused ``--model-repository``; ``intra_op_threads=0``: cores / instances)."""
+    """:func:`options_summary` of a classifier's config.pbtxt as it is on disk (a reused
+    ``--model-repository``; ``intra_op_threads=0``: cores / instances)."""
+    from serving.model_configs import RepositoryOptions
     from serving.repository import read_config
 
     config = read_config(repository / classifier)
-    sizes = ",".join(map(str, config.dynamic_batching.preferred_batch_size)) or "none"
-    param = lambda key, default: (  # noqa: E731
-        config.parameters[key].string_value if key in config.parameters else default
-    )
-    return (
-        f"max_queue_delay_us={config.dynamic_batching.max_queue_delay_microseconds} "
-        f"preferred={sizes} instances={sum(g.count or 1 for g in config.instance_group) or 1} "
-        f"intra_op_threads={param('intra_op_threads', '0') or 0} "
-        f"max_batch_size={config.max_batch_size} "
-        f"borrow_idle_cores={param('borrow_idle_cores', '0') or 0}"
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    return options_summary(
+        RepositoryOptions(
+            max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
+            preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),
+            instance_count=sum(g.count or 1 for g in config.instance_group) or 1,
+            intra_op_threads=int(params.get("intra_op_threads") or 0),
+            max_batch_size=config.max_batch_size,
+            borrow_idle_cores=params.get("borrow_idle_cores") == "1",
+        )
     )
 
 

@@ -80,6 +80,13 @@ def test_lone_requests_borrow_idle_cores_and_busy_ones_do_not(
     assert wide >= 20  # every lone request (plus warmups that did not overlap)
     assert runs - wide >= 1  # two instances busy at once: one of them ran on its share
     assert runs == 20 + 48 + 2  # every run counted: batches of 32 never merge; 2 warmups
+    cores = len(os.sched_getaffinity(0))  # the defaults: 2 instances of cores / 2 threads
+    line = (
+        f"{cores // 2} thread(s), on {cores} when no other instance runs; "
+        "threads stop spinning after each run"
+    )
+    found = re.findall(r'model (\S+): ONNX Runtime on ([^"\n]*)', log.read_text())
+    assert found == [(CLASSIFIER, line)] * 2
 
 
 def test_no_borrowing_when_turned_off(
@@ -131,20 +138,3 @@ def test_one_instance_over_every_core_stops_spinning_between_runs(
     assert re.findall(r'model (\S+): ONNX Runtime on ([^"\n]*)', log.read_text()) == [
         (CLASSIFIER, "2 thread(s); threads stop spinning after each run")
     ]
-
-
-def test_the_log_says_how_each_instance_runs(
-    triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path
-):
-    repo = tmp_path / "repository"
-    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, RepositoryOptions())
-    log = tmp_path / "server.log"
-    for _ in running_server(repo, log):
-        pass
-    cores = len(os.sched_getaffinity(0))  # the defaults: 2 instances of cores / 2 threads
-    line = (
-        f"{cores // 2} thread(s), on {cores} when no other instance runs; "
-        "threads stop spinning after each run"
-    )
-    found = re.findall(r'model (\S+): ONNX Runtime on ([^"\n]*)', log.read_text())
-    assert found == [(CLASSIFIER, line)] * 2

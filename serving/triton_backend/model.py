@@ -116,15 +116,12 @@ class TritonPythonModel:
                 )
             else:
                 self.wide = _session(path, cores, stop_spinning=True)
-        pb_utils.Logger.log_info(
-            f"model {self.model_name}: ONNX Runtime on {threads} thread(s)"
-            + (f", on {cores} when no other instance runs" if self.wide is not None else "")
-            + (
-                "; threads stop spinning after each run"
-                if threads > 1 or self.wide is not None
-                else ""
-            )
-        )
+        how = f"model {self.model_name}: ONNX Runtime on {threads} thread(s)"
+        if self.wide is not None:
+            how += f", on {cores} when no other instance runs"
+        if threads > 1 or self.wide is not None:
+            how += "; threads stop spinning after each run"
+        pb_utils.Logger.log_info(how)
 
     def _problem(self, array: np.ndarray) -> str | None:
         """What is wrong with one request's input, or None."""
