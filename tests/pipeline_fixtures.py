@@ -22,6 +22,7 @@ __all__ = [
     "isolated_env",
     "medimg_cmd",
     "mlflow_server",
+    "scratch_of",
     "trained",
     "wait_for_output",
     "write_medmnist_npz",
@@ -147,7 +148,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, isolated_env: Path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mlflow_server: str):
     """One real Ray Train run: 2 workers, 1 epoch, 256 images at 32 px, tracked in MLflow
-    through a real tracking server over HTTP (rank 0 logs per-epoch metrics there too)."""
+    through a real tracking server over HTTP (rank 0 logs per-epoch metrics there too).
+    The driver's temporary files go to :func:`scratch_of` ``(cfg.storage_path)``, which
+    a test checks is left empty."""
+    import tempfile
+
     import ray
 
     from training.config import TrainConfig
@@ -165,11 +170,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mlflow_ser
         tracking_uri=mlflow_server,
         storage_path=str(work / "ray_results"),
     )
+    saved, tempfile.tempdir = tempfile.tempdir, str(scratch_of(cfg.storage_path))
     try:
         outcome = train_and_register(cfg)
     finally:
+        tempfile.tempdir = saved
         ray.shutdown()
     return cfg, outcome
+
+
+def scratch_of(path: str | Path) -> Path:
+    """The temporary-file directory a fixture gave the code that wrote ``path`` (beside it)."""
+    scratch = Path(path).parent / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return scratch
 
 
 @pytest.fixture
@@ -208,16 +222,23 @@ def cli_env(tmp_path: Path, data_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def exported(trained, tmp_path_factory: pytest.TempPathFactory, medimg_cmd):
-    """``medimg export --run-id`` of the trained run, and the model loaded back from MLflow."""
+    """``medimg export --run-id`` of the trained run, and the model loaded back from MLflow;
+    both write their temporary files to :func:`scratch_of` ``(repository)``."""
     import subprocess
+    import tempfile
 
     from serving.export import ExportReport
     from serving.repository import ModelSet
     from training.registry import load_model
 
     cfg, outcome = trained
-    repository = tmp_path_factory.mktemp("model_repository")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri, "MEDIMG_DATA_DIR": cfg.data_dir}
+    repository = tmp_path_factory.mktemp("model_repository") / "repository"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": cfg.tracking_uri,
+        "MEDIMG_DATA_DIR": cfg.data_dir,
+        "TMPDIR": str(scratch_of(repository)),
+    }
     args = [*medimg_cmd, "export", "--run-id", outcome.run_id, "--repository", str(repository)]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -238,5 +259,9 @@ def exported(trained, tmp_path_factory: pytest.TempPathFactory, medimg_cmd):
         max_abs_diff=diff,
         parity_batches=batches,
     )
-    loaded = load_model(cfg.tracking_uri, f"runs:/{outcome.run_id}/model")
+    saved, tempfile.tempdir = tempfile.tempdir, str(scratch_of(repository))
+    try:
+        loaded = load_model(cfg.tracking_uri, f"runs:/{outcome.run_id}/model")
+    finally:
+        tempfile.tempdir = saved
     return loaded, repository, report

@@ -101,14 +101,17 @@ def test_stop_returns_zero_and_frees_the_ports(triton_cache_dir, tiny_classifier
     assert server.leaked_shm == []  # a clean exit removes its own regions
 
 
-def test_killed_server_leaves_no_shared_memory(triton_cache_dir, tiny_classifier_repository):
+def test_killed_server_leaves_no_shared_memory(
+    triton_cache_dir, tiny_classifier_repository, tmp_path
+):
     """SIGKILL (a crash, the OOM killer) skips Triton's own cleanup of the Python backend's
     /dev/shm regions; stop() removes what this server left, and nothing of another's."""
     shm = Path("/dev/shm")
     bystander = shm / "medimg0-bystander_region"  # another server's: a different prefix
     bystander.write_bytes(b"x")
+    log = tmp_path / "tritonserver.log"  # a crashed server's own log is kept: not in /tmp
     try:
-        server = TritonServer(tiny_classifier_repository, **_ports())
+        server = TritonServer(tiny_classifier_repository, log_file=log, **_ports())
         with server:
             ours = sorted(p.name for p in shm.glob(server.shm_prefix + "*"))
             assert ours, f"no region named {server.shm_prefix}* while serving"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
-from pipeline_fixtures import write_medmnist_npz
+from pipeline_fixtures import scratch_of, write_medmnist_npz
 
 from training.config import TrainConfig
 from training.errors import DataError
@@ -47,6 +47,8 @@ def test_train_reports_checkpoint_and_registers(trained, tmp_path: Path) -> None
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outcome.test_probs.shape == (len(outcome.test_labels), 2)
     np.testing.assert_allclose(outcome.test_probs.sum(axis=1), 1.0, atol=1e-5)
+    # nothing left in the temp dir (the best checkpoint's weights were once copied there)
+    assert list(scratch_of(cfg.storage_path).iterdir()) == []
 
 
 def test_bad_data_fails_the_mlflow_run(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -123,14 +124,19 @@ class LoadedModel:
 
 
 def load_model(tracking_uri: str, uri: str) -> LoadedModel:
-    """Load a model logged by :func:`log_and_register`, with its spec."""
+    """Load a model logged by :func:`log_and_register`, with its spec. Its artifacts are
+    downloaded once, to a temporary directory removed afterwards (MLflow's own
+    ``load_model`` and ``get_model_info`` each leave a copy in the temp dir)."""
     import mlflow
     import mlflow.pytorch
+    from mlflow.models import Model
 
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        info = mlflow.models.get_model_info(uri)
-        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="medimg-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            info = Model.load(local)
+            module = mlflow.pytorch.load_model(local, map_location="cpu")
     except Exception as exc:
         raise RegistryError(f"MLflow at {tracking_uri}: cannot load {uri}: {exc}") from exc
     meta = (info.metadata or {}).get(SPEC_KEY)

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,9 +26,12 @@ from training.config import TrainConfig
 from training.data import DataOptions, check_data, open_split
 from training.errors import ConfigError, MedimgError, TrainingError
 from training.metrics import evaluate
-from training.model import ProbabilityHead, build_model, load_weights, predict_proba
+from training.model import ProbabilityHead, build_model, predict_proba
 from training.registry import ensure_experiment, log_and_register
 from training.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from training.train import Best
 
 log = logging.getLogger(__name__)
 CONFIG_ARTIFACT = "config/train_config.json"
@@ -197,7 +200,7 @@ def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
     return finish_run(cfg, best)
 
 
-def finish_run(cfg: TrainConfig, best) -> TrainOutcome:
+def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
     """With an MLflow run active: choose the threshold on val, evaluate the best checkpoint
     once on test, log metrics and plots, register the model, apply the champion rule."""
     import mlflow
@@ -215,9 +218,8 @@ def finish_run(cfg: TrainConfig, best) -> TrainOutcome:
             "best_epoch": best.metrics["epoch"],
         }
     )
-    state, _ = load_weights(best.weights)
     model = build_model(spec.channels, spec.num_classes)
-    model.load_state_dict(state)
+    model.load_state_dict(best.state)
     opts = DataOptions.from_config(cfg)
     size = dict(image_size=cfg.image_size, channels=spec.channels)
 

@@ -40,7 +40,7 @@ from training.loop import (
     run_epoch,
 )
 from training.metrics import evaluate
-from training.model import build_model, predict_proba, save_weights
+from training.model import build_model, load_weights, predict_proba, save_weights
 from training.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -328,21 +328,21 @@ def build_trainer(cfg: TrainConfig, run_name: str, *, callbacks: list | None = N
 
 @dataclass
 class Best:
-    """The checkpoint with the highest val AUC: its reported metrics and a local weights file."""
+    """The checkpoint with the highest val AUC: its reported metrics and its weights."""
 
     metrics: dict[str, Any]
-    weights: Path
+    state: dict[str, torch.Tensor]
 
 
 def best_from_result(result) -> Best:
-    """The best checkpoint by val AUC of a finished Train run, copied to a local file."""
+    """The best checkpoint by val AUC of a finished Train run, its weights read into memory
+    (a checkpoint on remote storage is downloaded to a directory Ray removes afterwards)."""
     if not result.best_checkpoints:
         raise TrainingError(f"training run at {result.path} reported no checkpoint")
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_auc"])
     with checkpoint.as_directory() as ckpt_dir:
-        local = Path(tempfile.mkdtemp(prefix="medimg-best-")) / CHECKPOINT_FILE
-        local.write_bytes((Path(ckpt_dir) / CHECKPOINT_FILE).read_bytes())
-    return Best(metrics=dict(metrics), weights=local)
+        state, _ = load_weights(Path(ckpt_dir) / CHECKPOINT_FILE)
+    return Best(metrics=dict(metrics), state=state)
 
 
 def fit(cfg: TrainConfig, run_name: str) -> Best:

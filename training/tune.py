@@ -270,10 +270,10 @@ def _conclude(results, ref: JobRef, path: str, client) -> TuneOutcome:
     trial = next(t for t in trials if t.trial_id == best.trial_id)
     cfg = TrainConfig.from_dict({**trial.config, "storage_path": ref.train_storage})
     cfg.mlflow_run_id = best.run_id
-    weights = best_from_result(ray.train.Result.from_path(join(ref.train_storage, best.trial_id)))
+    chosen = best_from_result(ray.train.Result.from_path(join(ref.train_storage, best.trial_id)))
     mlflow.set_tracking_uri(ref.tracking_uri)
     with mlflow.start_run(run_id=best.run_id):
-        registered = finish_run(cfg, weights)
+        registered = finish_run(cfg, chosen)
     client.log_metric(ref.parent_run_id, "best_val_auc", best.val_auc)
     client.log_metric(ref.parent_run_id, "best_test_auc", registered.test["auc"])
     for key in ref.tuned:
