@@ -92,11 +92,15 @@ class AsyncTritonClassifier:
             raise ServingError(
                 f"cannot reach a Triton server at {self.url} over {self.protocol}: {exc}"
             ) from exc
-        if not live:
+        try:  # a failed connect closes its session (aiohttp warns of an unclosed one)
+            if not live:
+                raise ServingError(f"Triton server at {self.url} is not live")
+            name = self._model or await self._only_ensemble()
+            config = await self.model_config(name)
+            self.contract = ModelContract.from_config(name, config, self.url)
+        except BaseException:
             await self.close()
-            raise ServingError(f"Triton server at {self.url} is not live")
-        name = self._model or await self._only_ensemble()
-        self.contract = ModelContract.from_config(name, await self.model_config(name), self.url)
+            raise
         self.client_preprocess = self._client_preprocess or not self.contract.accepts_bytes
         return self
 

@@ -230,10 +230,14 @@ class TritonClassifier:
             raise ServingError(
                 f"cannot reach a Triton server at {self.url} over {protocol}: {exc}"
             ) from exc
-        if not live:
-            raise ServingError(f"Triton server at {self.url} is not live")
-        name = model or self._only_ensemble()
-        self.contract = ModelContract.from_config(name, self._model_config(name), self.url)
+        try:  # a failed connect closes its connection
+            if not live:
+                raise ServingError(f"Triton server at {self.url} is not live")
+            name = model or self._only_ensemble()
+            self.contract = ModelContract.from_config(name, self._model_config(name), self.url)
+        except BaseException:
+            self._client.close()
+            raise
         # a model that is not an ensemble takes tensors: preprocess here whatever was asked
         self.client_preprocess = client_preprocess or not self.contract.accepts_bytes
 

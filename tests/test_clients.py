@@ -123,6 +123,17 @@ def _run(medimg_cmd, *args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unknown_model_is_named_and_the_connection_closed(
+    server, folder, medimg_cmd, protocol
+) -> None:
+    result = _run(medimg_cmd, "classify", folder, "--model", "nosuch",
+                  "--url", server[protocol], "--protocol", protocol)  # fmt: skip
+    assert result.returncode == 1
+    assert "'nosuch'" in result.stderr and "not found" in result.stderr
+    assert "Unclosed" not in result.stderr, result.stderr  # aiohttp: a session left open
+
+
 def test_classify_directory_as_csv_with_a_bad_file(server, folder, medimg_cmd, tmp_path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")

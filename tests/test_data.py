@@ -186,8 +186,9 @@ def test_dicom_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "fake.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 20)
     with pytest.raises(DataError, match=r"fake\.dcm"):
         read_image(tmp_path / "fake.dcm")
-    with pytest.raises(DataError, match=r"upload\.png: not a readable image"):
-        read_image_bytes(b"garbage", "upload.png")
+    with pytest.raises(DataError, match=r"upload\.png: not a readable image") as err:
+        read_image_bytes(b"<!DOCTYPE html>", "upload.png")
+    assert "b'<!DOCTYPE html>'" in str(err.value) and "BytesIO" not in str(err.value)
     with pytest.raises(DataError, match=r"a\.png: not a DICOM file"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
         read_dicom_ids(tmp_path / "a.png")

@@ -166,7 +166,12 @@ def _read_pil(data: bytes, name: str) -> np.ndarray:
             elif img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")
             return np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # PIL's text names only its BytesIO object
+        raise DataError(
+            f"{name}: not a readable image (PNG, JPEG, DICOM or .npy expected; "
+            f"its first bytes are {data[:16]!r})"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(
             f"{name}: not a readable image (PNG, JPEG, DICOM or .npy expected): {exc}"
         ) from exc
