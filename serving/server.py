@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import os
 import secrets
@@ -55,15 +56,29 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a server could not bind ``host:port`` now (TIME_WAIT leftovers do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not bind ``host:port`` now, or None if it could (TIME_WAIT
+    leftovers do not count)."""
+    try:
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot resolve the host name ({exc.strerror})"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "already in use"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return "not an address of this machine (--host takes a local one)"
+            return f"cannot listen ({exc.strerror or exc})"
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind ``host:port`` now (TIME_WAIT leftovers do not count)."""
+    return bind_problem(host, port) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -277,8 +292,8 @@ class TritonServer:
         if not any((p / CONFIG_FILE).is_file() for p in repo.iterdir() if p.name[0] != "."):
             raise ServingError(f"model repository {repo} holds no model (no <model>/{CONFIG_FILE})")
         for name, port in self.ports.items():
-            if port_in_use(self.host, port):
-                raise ServingError(f"{name} port {port} on {self.host} is already in use")
+            if problem := bind_problem(self.host, port):
+                raise ServingError(f"{name} port {port} on {self.host}: {problem}")
         remove_stale_core_locks()
         home = prepare_server_home()
         self._triton_http_port = self.http_port

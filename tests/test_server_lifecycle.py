@@ -54,6 +54,31 @@ def test_unusable_repository_fails_at_once(triton_cache_dir, tmp_path, case):
     assert server.pid is None and not server.running()
 
 
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("127.0.0.1", "already in use"),  # the port is bound below
+        ("192.0.2.1", "not an address of this machine"),  # TEST-NET-1
+        ("no-such-host.invalid", "cannot resolve the host name"),
+    ],
+)
+def test_an_unusable_address_is_named_before_start(
+    triton_cache_dir, tiny_classifier_repository, host, problem
+):
+    import socket
+
+    ports = _ports()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["http_port"]))
+        taken.listen()
+        server = TritonServer(tiny_classifier_repository, host=host, allow_public=True, **ports)
+        with pytest.raises(
+            ServingError, match=f"^http port {ports['http_port']} on {host}: {problem}"
+        ):
+            server.start()
+    assert server.pid is None and not server.running()
+
+
 def test_bad_options_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="model_control_mode"):
         TritonServer(tmp_path, model_control_mode="sometimes")
