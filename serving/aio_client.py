@@ -34,8 +34,8 @@ from serving.client import (
     bytes_batch,
     chunks,
     client_module,
+    client_url,
     config_json,
-    default_url,
     failed,
     finish_batch,
     join,
@@ -62,7 +62,7 @@ class AsyncTritonClassifier:
         client_preprocess: bool = False,
     ) -> None:
         self._mod = client_module(protocol, aio=True)
-        self.protocol, self.url, self.timeout_s = protocol, url or default_url(protocol), timeout_s
+        self.protocol, self.url, self.timeout_s = protocol, client_url(url, protocol), timeout_s
         self._model, self._client_preprocess = model, client_preprocess
         self._client: Any = None
         self.contract: ModelContract | None = None

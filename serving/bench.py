@@ -30,6 +30,7 @@ import numpy as np
 from serving.aio_client import AsyncTritonClassifier
 from serving.client import PROTOCOLS, bytes_batch
 from serving.inputs import png_bytes
+from serving.repository import check_writable
 from serving.shm import SharedMemorySlots
 from training.errors import ConfigError, ServingError
 from training.images import read_image
@@ -305,6 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency, batch_size=args.batch_size,
                         duration_s=args.duration_s, warmup_s=args.warmup_s, input=args.input,
                         shared_memory=args.shared_memory)  # fmt: skip
+    check_writable(Path(args.out), f"--out {args.out}")
     total = len(opts.concurrency) * (opts.duration_s + opts.warmup_s)
     print(f"{len(opts.concurrency)} level(s), about {total:.0f} s", flush=True)
     results = run_bench(opts, on_level=lambda r: print(describe(r), flush=True))

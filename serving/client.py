@@ -37,6 +37,19 @@ def default_url(protocol: str, host: str = "127.0.0.1") -> str:
     return f"{host}:{DEFAULT_PORTS[protocol]}"
 
 
+def client_url(url: str, protocol: str) -> str:
+    """``HOST:PORT`` for tritonclient from a ``--url``: empty gives the protocol's default,
+    and ``http://HOST:PORT`` (as ``medimg serve`` prints it) is taken for HTTP."""
+    if not url:
+        return default_url(protocol)
+    scheme, sep, rest = url.partition("://")
+    address = rest.rstrip("/") if sep and scheme == "http" and protocol == "http" else url
+    if "://" in address or "/" in address:
+        forms = "HOST:PORT or http://HOST:PORT" if protocol == "http" else "HOST:PORT"
+        raise ServingError(f"--url for {protocol}: expected {forms}, got {url!r}")
+    return address
+
+
 def check_protocol(protocol: str) -> None:
     if protocol not in DEFAULT_PORTS:
         raise ServingError(f"protocol: expected http or grpc, got {protocol!r}")
@@ -216,7 +229,7 @@ class TritonClassifier:
     ) -> None:
         self._mod = client_module(protocol)
         self.protocol = protocol
-        self.url = url or default_url(protocol)
+        self.url = client_url(url, protocol)
         self.timeout_s = timeout_s
         try:
             if protocol == "http":

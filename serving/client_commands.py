@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import csv
 import io
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from pathlib import Path
 from serving.aio_client import AsyncTritonClassifier
 from serving.client import PROTOCOLS, ModelContract, Prediction
 from serving.inputs import Item, collect_items
-from serving.repository import write_atomic
+from serving.repository import check_writable, write_atomic
 from training.errors import ConfigError
 from training.images import DICOM_IDS
 
@@ -145,6 +144,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--review-below: expected a probability in [0, 1], got {args.review_below}"
         )
+    check_writable(Path(args.out).parent, f"--out {args.out}")
     run = run_client(args, "label")
     names = run.contract.spec.class_names
     rows = []
@@ -178,6 +178,8 @@ def cmd_triage(args: argparse.Namespace) -> int:
         nonlocal finding
         finding = _finding(args.finding, contract.spec.class_names, contract.model)
 
+    if args.out:
+        check_writable(Path(args.out).parent, f"--out {args.out}")
     run = run_client(args, "triage", check)
     ranked = sorted(run.ok, key=lambda p: (-p.probabilities[finding], p.file))
     if args.top:
@@ -192,8 +194,7 @@ def cmd_triage(args: argparse.Namespace) -> int:
     text = _csv_text(["rank", "file", f"prob_{finding}", "label", *id_fields], rows)
     if args.out:
         out = Path(args.out)
-        write_atomic(out, text.encode())
-        os.chmod(out, 0o600)  # may hold patient identifiers: the owner's only
+        write_atomic(out, text.encode(), mode=0o600)  # may hold patient identifiers
         # identifiers go to the worklist only, never to the terminal or a log
         print(f"{len(rows)} stud(ies) ordered by P({finding}) into {out}")
     else:

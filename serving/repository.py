@@ -84,15 +84,29 @@ class ModelSet:
         return [self.preprocess.name, self.classifier.name, self.ensemble.name]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary file renamed into place, readable by
-    everyone (a Triton container may run as another user)."""
+def check_writable(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed and make sure a file can be written in it, before
+    work whose result would go there (``what`` names the option in the error)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".medimg-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what}: cannot write in {directory} ({exc.strerror or exc}); nothing was done"
+        ) from exc
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """``data`` to ``path`` through a temporary file renamed into place, with ``mode``
+    (default readable by everyone: a Triton container may run as another user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

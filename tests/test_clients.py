@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.http as httpclient
 from PIL import Image
 from triton_fixtures import MODEL, _ports
 
 from serving.aio_client import AsyncTritonClassifier
 from serving.bench import BenchOptions
-from serving.client import TritonClassifier
+from serving.client import TritonClassifier, client_url
 from serving.inputs import collect_items, png_bytes
 from serving.repository import read_config
 from serving.server import TritonServer
@@ -121,6 +122,40 @@ def _run(medimg_cmd, *args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*medimg_cmd, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd
     )
+
+
+def test_url_as_serve_prints_it(server, folder, medimg_cmd) -> None:
+    """``medimg serve`` prints ``HTTP http://HOST:PORT``; ``--url`` takes that form too."""
+    result = _run(medimg_cmd, "classify", folder, "--url", f"http://{server['http']}/")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 8
+    assert client_url("", "grpc") == "127.0.0.1:8001"
+    for url, protocol in [("http://h:1", "grpc"), ("https://h:1", "http"), ("h:1/v2", "http")]:
+        with pytest.raises(ServingError, match=f"--url for {protocol}: expected HOST:PORT"):
+            client_url(url, protocol)
+
+
+def _inference_count(server) -> int:
+    stats = httpclient.InferenceServerClient(server["http"]).get_inference_statistics(MODEL)
+    return int(stats["model_stats"][0]["inference_count"])
+
+
+@pytest.mark.parametrize("command", ["label", "triage", "bench"])
+def test_an_unwritable_out_fails_before_any_request(
+    server, folder, medimg_cmd, tmp_path, command
+) -> None:
+    """A long labelling run must not end in a traceback that loses its results: the place
+    ``--out`` names is checked first (root writes anywhere, so a file stands in the way)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / ("results" if command == "bench" else "out.csv")
+    extra = {"label": [folder], "triage": [folder, "--finding", "pneumonia"],
+             "bench": ["--concurrency", "1", "--duration-s", "1", "--model", MODEL]}  # fmt: skip
+    before = _inference_count(server)
+    result = _run(medimg_cmd, command, *extra[command], "--out", out, "--url", server["http"])
+    assert result.returncode == 1, result.stderr
+    assert f"--out {out}: cannot write in" in result.stderr and "Traceback" not in result.stderr
+    assert _inference_count(server) == before  # nothing was sent
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
