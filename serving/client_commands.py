@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import csv
 import io
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -77,6 +78,28 @@ class ClientRun:
         return len(self.predictions) + len(self.path_errors)
 
 
+def dataset_warnings(paths: Sequence[str], contract: ModelContract) -> list[str]:
+    """One line per ``.npz`` argument named after another MedMNIST data set than the one
+    the model was trained on (``breastmnist.npz``, ``breastmnist_64.npz``)."""
+    npzs = [Path(p) for p in paths if str(p).endswith(".npz")]
+    if not npzs:
+        return []
+    from training.data import known_datasets  # imports torch: only when there is an .npz
+
+    flags, trained_on = set(known_datasets()), contract.spec.dataset
+    if trained_on not in flags:
+        return []
+    warnings = []
+    for path in npzs:
+        flag = re.sub(r"_(64|128|224)$", "", path.stem.lower())
+        if flag in flags and flag != trained_on:
+            warnings.append(
+                f"{path.name} holds MedMNIST's {flag}, but {contract.model} was trained on "
+                f"{trained_on}: its labels are {list(contract.spec.class_names)}, not {flag}'s"
+            )
+    return warnings
+
+
 def run_client(
     args: argparse.Namespace, desc: str, check: Callable[[ModelContract], None] | None = None
 ) -> ClientRun:
@@ -93,6 +116,8 @@ def run_client(
             contract = client._contract
             if check is not None:
                 check(contract)
+            for warning in dataset_warnings(args.paths, contract):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             with _progress(len(items), desc) as bar:
                 preds = await client.classify_all(
                     items, batch_size=args.batch_size, in_flight=args.in_flight,

@@ -23,6 +23,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 from PIL import Image
+from pipeline_fixtures import write_medmnist_npz
 from triton_fixtures import MODEL, _ports
 
 from serving.aio_client import AsyncTritonClassifier
@@ -211,6 +212,17 @@ def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, expected) -> No
     for name in ("normal", "pneumonia"):
         count = sum(r["label"] == name for r in rows)
         assert any(line.split() == [name, str(count)] for line in result.stdout.splitlines())
+    assert "warning" not in result.stderr  # the model's own data set
+
+
+@pytest.mark.parametrize("name", ["breastmnist.npz", "breastmnist_64.npz"])
+def test_an_npz_of_another_medmnist_set_is_flagged(server, medimg_cmd, tmp_path, name) -> None:
+    npz = write_medmnist_npz(tmp_path / name, {"test": 4})
+    result = _run(medimg_cmd, "classify", npz, "--url", server["grpc"], "--protocol", "grpc")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 4  # still classified: a warning, not an error
+    assert f"warning: {name} holds MedMNIST's breastmnist" in result.stderr
+    assert "trained on pneumoniamnist" in result.stderr
 
 
 def test_label_missing_split_and_bad_threshold(server, data_dir, medimg_cmd, tmp_path) -> None:
