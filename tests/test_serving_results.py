@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after the package
+from serving_cpu_split import copies
 from serving_model import config_summary, options_summary
 from serving_report import write_results
 
@@ -52,3 +53,30 @@ def test_the_csv_keeps_old_rows_and_fills_the_columns_added_since(tmp_path):
     ]
     assert rows[1]["repository"] == "max_queue_delay_us=0 preferred=8"
     assert not (tmp_path / "serving.csv.partial").exists()
+
+
+def test_the_cpu_split_zero_work_copy_does_no_model_work(
+    triton_cache_dir, tiny_classifier_repository, tmp_path
+):
+    """benchmarks/serving_cpu_split.py compares the classifier with a copy whose model.py
+    returns zeros: served, the copy answers zeros, and the original is left as it was."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from triton_fixtures import _ports
+
+    from serving.server import TritonServer
+
+    name = "pneumoniamnist-densenet121_onnx"
+    original = (tiny_classifier_repository / name / "1" / "model.py").read_bytes()
+    variants = copies(tiny_classifier_repository, name, 2, tmp_path)
+    assert (tiny_classifier_repository / name / "1" / "model.py").read_bytes() == original
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    answers = {}
+    for variant, repository in variants.items():
+        with TritonServer(repository, **_ports()) as server:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            answers[variant] = client.infer(name, [inp]).as_numpy("probabilities")
+    np.testing.assert_allclose(answers["exported"].sum(axis=1), 1.0, atol=1e-5)
+    assert answers["zero-work"].shape == (3, 2) and not answers["zero-work"].any()
