@@ -51,17 +51,26 @@ def _busy_jiffies() -> int:
     return user + nice + system + irq + softirq + steal
 
 
-def _tree_jiffies(root: int) -> int:
+def _stat(pid: int | str) -> tuple[int, int]:
+    """(parent pid, CPU time in clock ticks: utime + stime) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields_ = fh.read().rsplit(")", 1)[1].split()
+    return int(fields_[1]), int(fields_[11]) + int(fields_[12])
+
+
+def process_jiffies(pid: int) -> int:
+    """CPU time (clock ticks) of ``pid`` itself, without its children."""
+    return _stat(pid)[1]
+
+
+def tree_jiffies(root: int) -> int:
     """CPU time (clock ticks) of ``root`` and all its live descendants."""
     parent, used = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/stat") as fh:
-                fields_ = fh.read().rsplit(")", 1)[1].split()
-            parent[int(entry)] = int(fields_[1])
-            used[int(entry)] = int(fields_[11]) + int(fields_[12])  # utime + stime
+            parent[int(entry)], used[int(entry)] = _stat(entry)
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
@@ -80,7 +89,7 @@ def others_cpu() -> Iterator[list[float]]:
     yielded list once the block ends. 0 where /proc is unavailable."""
     out: list[float] = []
     try:
-        start = (time.perf_counter(), _busy_jiffies(), _tree_jiffies(os.getpid()), _reaped())
+        start = (time.perf_counter(), _busy_jiffies(), tree_jiffies(os.getpid()), _reaped())
     except OSError:
         start = None
     try:
@@ -91,13 +100,13 @@ def others_cpu() -> Iterator[list[float]]:
         else:
             elapsed = time.perf_counter() - start[0]
             busy = _busy_jiffies() - start[1]
-            ours = _tree_jiffies(os.getpid()) - start[2] + _reaped() - start[3]
+            ours = tree_jiffies(os.getpid()) - start[2] + _reaped() - start[3]
             out.append(max(0.0, (busy - ours) / os.sysconf("SC_CLK_TCK") / elapsed))
 
 
 def _reaped() -> int:
     """Jiffies of our child processes that have ended and been waited for (perf_analyzer):
-    gone from /proc, so :func:`_tree_jiffies` no longer sees them."""
+    gone from /proc, so :func:`tree_jiffies` no longer sees them."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return round((r.ru_utime + r.ru_stime) * os.sysconf("SC_CLK_TCK"))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from serving_common import BenchError, _tree_jiffies
+from serving_common import BenchError, process_jiffies, tree_jiffies
 from serving_model import find_classifier
 from serving_paths import free_ports, inprocess_parallel, ort_session, ort_throughput
 from serving_perf_analyzer import locate, pa_level, write_input
@@ -57,12 +57,6 @@ def copies(repository: Path, name: str, classes: int, root: Path) -> dict[str, P
     return out
 
 
-def own_jiffies(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def served_split(repository: Path, model: str, pa, inputs: Path, args) -> dict[str, float]:
     """CPU ms per request by process, throughput and average batch at ``args.concurrency``."""
     from serving.server import TritonServer, find_free_port
@@ -72,9 +66,9 @@ def served_split(repository: Path, model: str, pa, inputs: Path, args) -> dict[s
     with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
         url, pid = srv.grpc_url, srv.pid
         pa_level(pa, url, model, opts, args.concurrency, inputs)  # warm-up, not counted
-        server0, tree0 = own_jiffies(pid), _tree_jiffies(pid)
+        server0, tree0 = process_jiffies(pid), tree_jiffies(pid)
         row = pa_level(pa, url, model, opts, args.concurrency, inputs)
-        server, tree = own_jiffies(pid) - server0, _tree_jiffies(pid) - tree0
+        server, tree = process_jiffies(pid) - server0, tree_jiffies(pid) - tree0
     per_request = 1000 / TICK / row.requests
     split = {
         "img/s": row.throughput,
