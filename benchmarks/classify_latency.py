@@ -2,7 +2,7 @@
 
 Starts the embedded tritonserver on free loopback ports over an exported
 repository, then, side by side in this one process: one image per request through
-:class:`serving.client.TritonClassifier` (read + preprocess + infer), the same
+:class:`serving.clients.sync.TritonClassifier` (read + preprocess + infer), the same
 file read, preprocessed and run through ONNX Runtime in process, and the whole ``medimg classify`` command
 (process start included)::
 
@@ -31,9 +31,9 @@ def percentiles(samples: list[float]) -> str:
 
 
 def main() -> int:
-    from serving.client import TritonClassifier
-    from serving.repository import list_models
-    from serving.server import TritonServer, find_free_port
+    from serving.clients.sync import TritonClassifier
+    from serving.repository.layout import list_models
+    from serving.server.process import TritonServer, find_free_port
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", default="model_repository")

@@ -49,8 +49,8 @@ def epochs_for(dataset: str, spec: str) -> int:
 def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
     import ray
 
+    from training.driver import train_and_register
     from training.recipes import build_config
-    from training.run import train_and_register
 
     cfg = build_config(
         args.recipe,

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from serving_common import BenchError, measured
-from serving_model import prepare
-from serving_paths import (
+
+from serving.perf.accounting import BenchError, measured
+from serving.perf.comparison.model import prepare
+from serving.perf.comparison.paths import (
     inprocess_best,
     inprocess_latency,
     inprocess_parallel,
@@ -82,7 +83,7 @@ CONFIGS = (
 def load_bench():
     """``benchmarks/serving.py`` (for its ``parse_args``) as a module under another name (its
     own would hide the serving package), then that package unshadowed."""
-    spec = importlib.util.spec_from_file_location("serving_bench", HERE / "serving.py")
+    spec = importlib.util.spec_from_file_location("serving_bench", HERE / "serving_side_by_side.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["serving_bench"] = module
     spec.loader.exec_module(module)
@@ -92,7 +93,7 @@ def load_bench():
 
 def write_repository(prepared, config: Config, root: Path) -> Path:
     """A repository of ``prepared``'s model with ``config``'s batching and instances."""
-    from serving.repository import RepositoryOptions, write_model_set
+    from serving.repository.layout import RepositoryOptions, write_model_set
 
     options = RepositoryOptions(
         max_batch_size=32,

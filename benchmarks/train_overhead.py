@@ -1,6 +1,6 @@
 """Ray Train overhead: the same epochs through Ray Train (1 worker) and a plain PyTorch
 loop, in one run, on the same data, model, optimizer and epoch function
-(``training.loop.run_epoch``); plus the input pipeline's images/s against the training
+(``training.epoch.run_epoch``); plus the input pipeline's images/s against the training
 step's images/s.
 
 Prints the ratio of Ray's per-epoch training time to the plain loop's (target ≤ 1.05;
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from training.augment import BatchTransform
 from training.config import TrainConfig
 from training.data import DataOptions, open_split
-from training.loop import Schedule, make_loss, make_optimizer, make_sampler, run_epoch
+from training.epoch import Schedule, make_loss, make_optimizer, make_sampler, run_epoch
 from training.model import build_model
 from training.spec import ModelSpec
 
@@ -89,8 +89,8 @@ def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float]:
     """Per-epoch ``run_epoch`` seconds reported by the Ray Train worker, and total wall time."""
     import ray
 
-    from training.run import new_ray_run_name
-    from training.train import build_trainer, resolve_resources
+    from training.driver import new_ray_run_name
+    from training.ray_trainer import build_trainer, resolve_resources
 
     started = time.perf_counter()
     cfg = resolve_resources(cfg)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import inputs
-from serving.client import TritonClassifier
-from serving.export import export_model
-from serving.server import TritonServer, serve_foreground
+from serving.clients import inputs
+from serving.clients.sync import TritonClassifier
+from serving.export.onnx import export_model
+from serving.server.process import TritonServer, serve_foreground
 from training.config import TrainConfig
 from training.data import DataOptions, open_split
+from training.driver import TrainOutcome, train_and_register
 from training.errors import ServingError
 from training.metrics import evaluate
 from training.registry import load_model
-from training.run import TrainOutcome, train_and_register
 
 AGREEMENT = 1e-3
 

@@ -11,7 +11,7 @@ next version, and onto a running server with no downtime.
    the models through Triton's repository API, steps before the ensemble. Triton loads
    the new version beside the old one, routes new requests to it once it is ready and
    unloads the old one after its in-flight requests finish. Load requests carry the
-   server's repository token (:mod:`serving.repository_token`), read from the file the
+   server's repository token (:mod:`serving.server.token`), read from the file the
    server wrote into a local repository or from ``$MEDIMG_REPOSITORY_TOKEN``::
 
     medimg serve --model-control-mode explicit &
@@ -25,10 +25,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving import repository_token
-from serving.export import ExportReport, export_model
-from serving.model_configs import RepositoryOptions, classifier_name, preprocess_name
-from serving.repository import next_version
+from serving.export.onnx import ExportReport, export_model
+from serving.repository.layout import next_version
+from serving.repository.model_config import RepositoryOptions, classifier_name, preprocess_name
+from serving.server import token as repository_token
 from training.errors import ConfigError, RegistryError, ServingError
 from training.registry import load_model, resolve_model_uri
 
@@ -85,7 +85,7 @@ def publish(
     spec = loaded.spec
     names = [preprocess_name(spec), classifier_name(spec), spec.model_name]
     if repository.startswith("s3://"):
-        from serving import s3
+        from serving.repository import s3
 
         client = s3.s3_client(s3_endpoint)
         version = s3.next_remote_version(client, repository, names[:2])
@@ -130,7 +130,7 @@ def load_on_server(
 ) -> list[int]:
     """Load ``names`` (in order) through the repository API of the server at ``url``
     (HTTP, ``HOST:PORT``), sending the repository ``token`` of a server in explicit mode
-    (:mod:`serving.repository_token`); returns the versions of the classifier now ready there."""
+    (:mod:`serving.server.token`); returns the versions of the classifier now ready there."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 

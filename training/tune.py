@@ -72,7 +72,7 @@ def _trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from training.train import build_trainer
+    from training.ray_trainer import build_trainer
 
     ref = JobRef(**job)
     ctx = ray.tune.get_context()
@@ -94,7 +94,7 @@ def _init_ray(cfg: TrainConfig, max_concurrent: int) -> TrainConfig:
     """Start or join Ray; share the CPUs between ``max_concurrent`` trials of W workers."""
     import ray
 
-    from training.train import init_ray, resolve_resources
+    from training.ray_trainer import init_ray, resolve_resources
 
     if not ray.is_initialized():
         init_ray(cfg)
@@ -189,7 +189,7 @@ def run_tune(base: TrainConfig, settings: TuneSettings) -> TuneOutcome:
         if "aug_strength" in space and "augment" not in space and not base.augment:
             base = replace(base, augment=DEFAULT_AUGMENT)
             log.info("searching aug_strength: trials augment with %r", DEFAULT_AUGMENT)
-        from training.run import NOT_LOGGED, preflight
+        from training.driver import NOT_LOGGED, preflight
 
         preflight(base)  # fail in the driver, not in every trial
         base = _init_ray(base, settings.max_concurrent)
@@ -255,8 +255,8 @@ def _conclude(results, ref: JobRef, path: str, client) -> TuneOutcome:
     import mlflow
     import ray.train
 
-    from training.run import finish_run
-    from training.train import best_from_result
+    from training.driver import finish_run
+    from training.ray_trainer import best_from_result
     from training.tune_runs import child_run_ids
 
     runs = child_run_ids(ref)

@@ -66,7 +66,7 @@ def open_child_run(ref: JobRef, cfg: TrainConfig, trial_id: str, trial_name: str
     created with the trial's params, its full config and where its Ray Train run lives."""
     from mlflow.entities import Param
 
-    from training.run import CONFIG_ARTIFACT, NOT_LOGGED
+    from training.driver import CONFIG_ARTIFACT, NOT_LOGGED
 
     client = _client(ref)
     found = _children(ref, f"tags.{TRIAL_TAG} = '{trial_id}'")
@@ -151,7 +151,7 @@ class TuneOutcome:
     path: str  # the Tune experiment folder (what --resume takes)
     trials: list[TrialSummary]
     best: TrialSummary
-    registered: Any  # training.run.TrainOutcome of the best trial
+    registered: Any  # training.driver.TrainOutcome of the best trial
     tuned: list[str] = field(default_factory=list)
 
     def table(self) -> str:

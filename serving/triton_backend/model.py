@@ -1,6 +1,6 @@
 """Triton Python-backend model that runs an ONNX classifier with ONNX Runtime.
 
-:func:`serving.repository.write_classifier` copies this file verbatim into
+:func:`serving.repository.layout.write_classifier` copies this file verbatim into
 ``<repository>/<model>/<version>/model.py``; Triton's Python backend imports it
 there, so it may import only the standard library, numpy, onnxruntime and
 ``triton_python_backend_utils``. The model config supplies everything else:
@@ -8,7 +8,7 @@ one input, one output, ``max_batch_size`` and the parameters ``onnx_file``,
 ``intra_op_threads`` ("0" = this machine's cores divided by the model's instances, at least
 1) and ``borrow_idle_cores``. Try it through a server::
 
-    python -c "from pathlib import Path; from serving.server import TritonServer; \
+    python -c "from pathlib import Path; from serving.server.process import TritonServer; \
 s = TritonServer(Path('model_repository')); s.start(); s.wait_ready(); print(s.http_url); s.stop()"
 
 With dynamic batching Triton hands :meth:`TritonPythonModel.execute` several
@@ -30,7 +30,7 @@ thread (one instance over all the cores, say): between runs a spinning thread ho
 that the gRPC frontend and the stub's IPC need for the next request, which lengthened the
 concurrency-1 tail (one 2-thread instance, perf_analyzer, 4 alternating rounds: p99 6.80 ms
 spinning against 4.95 ms not; p50 3.72 against 3.80 ms). The lock file is ``$MEDIMG_CORE_LOCK``
-(``serving.server`` sets it under the server's private shared-memory prefix, removed on
+(``serving.server.process`` sets it under the server's private shared-memory prefix, removed on
 stop), else ``/dev/shm/medimg-cores-<tritonserver pid>``.
 """
 

@@ -1,6 +1,6 @@
 """Triton Python-backend model: encoded image bytes in, the classifier's input tensor out.
 
-:func:`serving.repository.write_model_set` copies this file into
+:func:`serving.repository.layout.write_model_set` copies this file into
 ``<repository>/NAME_preprocess/<version>/model.py``. It decodes PNG, JPEG, DICOM
 (MONOCHROME1, rescale and windowing applied) and ``.npy`` bytes with
 ``training.images.read_image_bytes`` and resizes and normalises them with

@@ -1,0 +1,261 @@
+"""``medimg train``: an MLflow run around Ray Train, one test evaluation, registration.
+
+The operating threshold is chosen on the validation split; the test split is touched
+once, at the end, on the checkpoint with the best val AUC. The new version becomes the
+``champion`` only if its val AUC beats the current one's. A failure closes the MLflow
+run with status FAILED; ``--resume`` continues it from its last checkpoint::
+
+    medimg train --dataset pneumoniamnist --epochs 3
+    medimg train --resume <MLflow run id | Ray run directory | checkpoint directory>
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.data import DataOptions, check_data, open_split
+from training.errors import ConfigError, MedimgError, TrainingError
+from training.metrics import evaluate
+from training.model import ProbabilityHead, build_model, predict_proba
+from training.registry import ensure_experiment, log_and_register
+from training.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from training.ray_trainer import Best
+
+log = logging.getLogger(__name__)
+CONFIG_ARTIFACT = "config/train_config.json"
+NOT_LOGGED = {
+    "mlflow_run_id",
+    "tracking_uri",
+    "resume_from",
+    "data_dir",
+    "storage_path",
+    "cache_dir",
+}
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    model_name: str
+    version: str
+    model_uri: str
+    val: dict[str, float]
+    test: dict[str, float]
+    test_probs: np.ndarray
+    test_labels: np.ndarray
+    spec: ModelSpec
+    thresholds: list[float] = field(default_factory=list)
+    clinical: dict[str, Any] = field(default_factory=dict)
+    champion: str = ""  # the champion decision, as a sentence
+
+
+@dataclass
+class ResumeTarget:
+    mlflow_run_id: str  # "" starts a new MLflow run
+    ray_run_name: str
+    storage_path: str
+    checkpoint: str = ""  # a checkpoint directory to start a new Ray run from
+
+
+def new_ray_run_name(cfg: TrainConfig) -> str:
+    return f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _logged_config(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    import mlflow
+
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{CONFIG_ARTIFACT}"))
+    except Exception as exc:
+        raise ConfigError(
+            f"resume: MLflow run {run_id} at {tracking_uri} has no {CONFIG_ARTIFACT} "
+            f"(was it started by medimg train?): {exc}"
+        ) from exc
+
+
+def resume_config(
+    tracking_uri: str, resume: str, overrides: dict[str, Any]
+) -> tuple[TrainConfig, ResumeTarget]:
+    """The config and the run to continue for ``--resume``: an MLflow run id of a medimg
+    training run, a Ray Train run directory, or a checkpoint directory (which starts a new
+    run from those weights and optimizer state). ``overrides`` (e.g. more epochs) win."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    path = Path(resume).expanduser()
+    if re.fullmatch(r"[0-9a-f]{32}", resume) and not path.exists():
+        try:
+            run = client.get_run(resume)
+        except Exception as exc:
+            raise ConfigError(f"resume: no MLflow run {resume} at {tracking_uri}: {exc}") from exc
+        base = _logged_config(tracking_uri, resume)
+        tags = run.data.tags
+        target = ResumeTarget(resume, tags["ray_run_name"], tags["ray_storage_path"])
+    elif (path / "model.pt").is_file() and (path / "train_state.pt").is_file():
+        base, target = {}, ResumeTarget("", "", "", checkpoint=str(path.resolve()))
+    elif path.is_dir() and any(path.glob("checkpoint_*")):
+        name, storage = path.resolve().name, str(path.resolve().parent)
+        runs = mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"tags.ray_run_name = '{name}'",
+            output_format="list",
+        )
+        base = _logged_config(tracking_uri, runs[0].info.run_id) if runs else {}
+        target = ResumeTarget(runs[0].info.run_id if runs else "", name, storage)
+    else:
+        raise ConfigError(
+            f"resume: {resume!r} is neither an MLflow run id, a Ray Train run directory "
+            "(with checkpoint_* folders) nor a checkpoint directory (model.pt + train_state.pt)"
+        )
+    values = {**base, **overrides, "tracking_uri": tracking_uri}
+    if target.checkpoint:
+        values["resume_from"] = target.checkpoint
+    if target.storage_path:
+        values["storage_path"] = target.storage_path
+    return TrainConfig.from_dict(values), target
+
+
+def train_and_register(cfg: TrainConfig, resume: ResumeTarget | None = None) -> TrainOutcome:
+    """Train with Ray (or continue ``resume``), evaluate once on test, register in MLflow.
+
+    Any failure leaves the MLflow run closed with status FAILED (MLflow's run context
+    does that) and surfaces as a :class:`MedimgError`.
+    """
+    import mlflow
+
+    experiment_id = ensure_experiment(cfg.tracking_uri, cfg.experiment)
+    run_id = resume.mlflow_run_id if resume else ""
+    ray_name = resume.ray_run_name if resume and resume.ray_run_name else new_ray_run_name(cfg)
+    try:
+        with mlflow.start_run(
+            run_id=run_id or None,
+            experiment_id=None if run_id else experiment_id,
+            run_name=None if run_id else f"train-{cfg.dataset}",
+        ) as run:
+            cfg.mlflow_run_id = run.info.run_id
+            if run_id:
+                mlflow.set_tag("resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
+            else:
+                log_config(cfg, ray_name)
+            return _train_in_run(cfg, ray_name)
+    except MedimgError:
+        raise
+    except Exception as exc:
+        raise TrainingError(
+            f"training run {cfg.mlflow_run_id} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def log_config(cfg: TrainConfig, ray_name: str) -> None:
+    """Params (everything but paths and ids), the full config as JSON, and where Ray runs."""
+    import mlflow
+
+    values = cfg.to_dict()
+    mlflow.log_params({k: v for k, v in values.items() if k not in NOT_LOGGED})
+    mlflow.log_text(json.dumps(values, indent=2), CONFIG_ARTIFACT)
+    mlflow.set_tags(
+        {"ray_run_name": ray_name, "ray_storage_path": cfg.storage_path, "dataset": cfg.dataset}
+    )
+
+
+def preflight(cfg: TrainConfig) -> ModelSpec:
+    """Fail in the driver, not inside every Ray worker: unknown data set, bad data, a bad
+    weights file. Returns the model spec."""
+    spec = ModelSpec.for_config(cfg)
+    check_data(DataOptions.from_config(cfg))
+    if cfg.pretrained_weights:
+        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+    return spec
+
+
+def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
+    import mlflow
+
+    from training.ray_trainer import fit, resolve_resources
+
+    spec = preflight(cfg)
+    if spec.task == "ordinal-regression":
+        note = (
+            f"{cfg.dataset} is ordinal ({len(spec.class_names)} grades); trained and "
+            "evaluated as multi-class (cross-entropy, macro one-vs-rest AUC), as MedMNIST does"
+        )
+        log.warning("%s", note)
+        mlflow.set_tag("task_note", note)
+    cfg = resolve_resources(cfg)
+    best = fit(cfg, ray_name)
+    return finish_run(cfg, best)
+
+
+def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
+    """With an MLflow run active: choose the threshold on val, evaluate the best checkpoint
+    once on test, log metrics and plots, register the model, apply the champion rule."""
+    import mlflow
+
+    from training.champion import promote_if_better
+    from training.metrics import choose_thresholds, clinical_report
+    from training.plots import log_clinical_report, log_test_plots
+
+    spec = ModelSpec.for_config(cfg)
+    val_scores = {"auc": float(best.metrics["val_auc"]), "acc": float(best.metrics["val_acc"])}
+    mlflow.log_metrics(
+        {
+            "best_val_auc": val_scores["auc"],
+            "best_val_acc": val_scores["acc"],
+            "best_epoch": best.metrics["epoch"],
+        }
+    )
+    model = build_model(spec.channels, spec.num_classes)
+    model.load_state_dict(best.state)
+    opts = DataOptions.from_config(cfg)
+    size = dict(image_size=cfg.image_size, channels=spec.channels)
+
+    val = open_split(opts, "val", **size)
+    val_probs = predict_proba(
+        model, val.model_input(spec.mean, spec.std), multi_label=spec.multi_label
+    )
+    thresholds = choose_thresholds(spec.task, val.labels, val_probs)
+
+    # The test split, touched once: the best checkpoint by val AUC, the threshold from val.
+    test = open_split(opts, "test", **size)
+    probs = predict_proba(
+        model, test.model_input(spec.mean, spec.std), multi_label=spec.multi_label
+    )
+    scores = evaluate(spec.task, test.labels, probs)
+    mlflow.log_metrics({"test_auc": scores["auc"], "test_acc": scores["acc"]})
+    report = clinical_report(
+        spec.task, test.labels, probs, thresholds, spec.class_names, seed=cfg.seed
+    )
+    log_clinical_report(report)
+    log_test_plots(spec, test.labels, probs, thresholds=thresholds)
+    served = ProbabilityHead(model, spec.multi_label).eval()
+    model_uri, version = log_and_register(served, spec, spec.model_name)
+    decision = promote_if_better(cfg.tracking_uri, spec.model_name, version)
+    log.info("%s", decision.message)
+    return TrainOutcome(
+        run_id=cfg.mlflow_run_id,
+        model_name=spec.model_name,
+        version=version,
+        model_uri=model_uri,
+        val=val_scores,
+        test=scores,
+        test_probs=probs,
+        test_labels=test.labels,
+        spec=spec,
+        thresholds=[float(t) for t in np.atleast_1d(thresholds)],
+        clinical=report.to_dict(),
+        champion=decision.message,
+    )
