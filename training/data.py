@@ -6,16 +6,18 @@
 - ``folder``: a class-per-subfolder tree of PNG/JPEG/DICOM files (:mod:`training.folder`);
 - ``chestxray14``: NIH ChestX-ray14 as distributed (:mod:`training.chestxray14`).
 
-:func:`open_split` gives an :class:`ImageSplit`: uint8 (N, C, S, S) images through the
-training resize (:func:`~training.transforms.resize_to_uint8`), labels (N, L). File-based
+:func:`open_split` is the one way to load a split: an :class:`ImageSplit` of uint8
+(N, C, S, S) images through the training resize (:func:`~training.transforms.resize_to_uint8`)
+and labels (N, L); ``.model_input(mean, std)`` normalises them for the network
+(:func:`medmnist_arrays` is its MedMNIST source: the arrays as the file stores them). File-based
 data sets are decoded once (a few threads) and cached under ``cache_dir`` -- never in
 ``data_dir``, which may be read-only -- memory-mapped so Ray workers share one copy. An
 undecodable file is SKIPPED, with one warning per split naming the first few, and counted
 in ``ImageSplit.skipped``: one corrupt file in 100,000 should not stop training::
 
     python -c "from training.data import DataOptions, open_split; \
-s = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, channels=1); \
-print(s.images.shape, s.labels.shape)"
+s = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64); \
+print(s.images.shape, s.labels.shape, s.model_input((0.5,), (0.5,)).dtype)"
 """
 
 from __future__ import annotations
@@ -199,12 +201,17 @@ def _check_npz(name: str, split: str, path: Path, size: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def load_split(
-    name: str, split: str, data_dir: str | Path, size: int = 28, *, download: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw uint8 images (N, H, W[, C]) and integer labels (N, L) of one MedMNIST split."""
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
+
+
+def medmnist_arrays(
+    name: str, split: str, data_dir: str | Path, size: int = 28, *, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """One MedMNIST split as its file stores it, validated: uint8 images (N, H, W[, C]) and
+    int64 labels (N, L). :func:`open_split` resizes these; clients send them as they are."""
+    _check_split(split)
     name = name.lower()
     path = _ensure_npz(name, Path(data_dir).expanduser(), size, download)
     labels = _check_npz(name, split, path, size)
@@ -213,8 +220,14 @@ def load_split(
 
 
 def _file_split(opts: DataOptions, split: str) -> folder.FileSplit:
+    """The paths and labels of one split of a file-based data set; an empty split is an error."""
     module = folder if opts.dataset.lower() == "folder" else chestxray14
-    return module.split_files(opts.data_dir, split, opts.val_fraction, opts.test_fraction)
+    files = module.split_files(opts.data_dir, split, opts.val_fraction, opts.test_fraction)
+    if not files.paths:
+        raise DataError(
+            f"{opts.dataset.lower()} in {opts.data_dir}: the {split} split has no image"
+        )
+    return files
 
 
 def check_data(opts: DataOptions) -> None:
@@ -229,8 +242,7 @@ def check_data(opts: DataOptions) -> None:
         return
     dataset_info(name, opts.data_dir)
     for split in SPLITS:
-        if not _file_split(opts, split).paths:
-            raise DataError(f"{name} in {opts.data_dir}: the {split} split has no image")
+        _file_split(opts, split)
 
 
 def _subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.ndarray | None:
@@ -278,23 +290,27 @@ class ImageSplit(Dataset):
 
 
 def open_split(
-    opts: DataOptions, split: str, *, image_size: int, channels: int, max_samples: int = 0
+    opts: DataOptions,
+    split: str,
+    *,
+    image_size: int,
+    channels: int = 0,
+    max_samples: int = 0,
 ) -> ImageSplit:
-    """One split resized to ``image_size`` with ``channels``; ``max_samples`` > 0 keeps a
-    subsample stratified by the first label column (seed ``opts.seed``), drawn before
-    decoding for file-based data sets."""
-    if split not in SPLITS:
-        raise ConfigError(f"split: expected one of {SPLITS}, got {split!r}")
+    """One split resized to ``image_size`` with ``channels`` (0: the data set's own);
+    ``max_samples`` > 0 keeps a subsample stratified by the first label column (seed
+    ``opts.seed``), drawn before decoding for file-based data sets. The network's input is
+    ``open_split(...).model_input(mean, std)``."""
+    _check_split(split)
     name = opts.dataset.lower()
+    channels = channels or dataset_info(name, opts.data_dir).channels
     if name not in FILE_DATASETS:
-        images, labels = load_split(name, split, opts.data_dir, opts.size)
+        images, labels = medmnist_arrays(name, split, opts.data_dir, opts.size)
         keep = _subsample(labels, max_samples, opts.seed)
         if keep is not None:
             images, labels = images[keep], labels[keep]
         return ImageSplit(resize_to_uint8(images, image_size, channels), labels)
     files = _file_split(opts, split)
-    if not files.paths:
-        raise DataError(f"{name} in {opts.data_dir}: the {split} split has no image")
     keep = _subsample(files.labels, max_samples, opts.seed)
     paths, labels = files.paths, files.labels
     if keep is not None:
@@ -310,35 +326,3 @@ def open_split(
     if not len(paths):
         raise DataError(f"{name} {split}: none of the {len(decoded.failed)} image(s) decoded")
     return ImageSplit(decoded.images, labels, paths, skipped=len(decoded.failed))
-
-
-@dataclass
-class Split:
-    """One split, preprocessed for the network: float32 (N, C, S, S) and labels (N, L)."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
-def prepare_split(
-    name: str,
-    split: str,
-    data_dir: str | Path,
-    *,
-    size: int = 28,
-    image_size: int = 64,
-    max_samples: int = 0,
-    seed: int = 0,
-    mean: tuple[float, ...] = (0.5,),
-    std: tuple[float, ...] = (0.5,),
-) -> Split:
-    """:func:`open_split`, normalised: float32 (N, C, S, S) and labels (N, L)."""
-    opts = DataOptions(dataset=name, data_dir=str(data_dir), size=size, seed=seed)
-    channels = dataset_info(name, data_dir).channels
-    opened = open_split(
-        opts, split, image_size=image_size, channels=channels, max_samples=max_samples
-    )
-    return Split(x=opened.model_input(mean, std), y=opened.labels)

@@ -2,11 +2,11 @@
 outputs kept float32 (so the Triton ``config.pbtxt`` is unchanged), and its parity with the
 original on ONNX Runtime CPU::
 
-    python -c "from pathlib import Path; from training.data import prepare_split; \
+    python -c "from pathlib import Path; from training.data import DataOptions, open_split; \
 from serving.export.fp16 import FP16_PARITY_ATOL, convert_fp16, fp16_parity; \
 src = Path('model_repository/pneumoniamnist-densenet121_onnx/1/model.onnx'); \
 dst = convert_fp16(src, Path('model_fp16.onnx')); \
-x = prepare_split('pneumoniamnist', 'val', '../shared/data', image_size=64, max_samples=64).x; \
+x = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, max_samples=64).model_input((0.5,), (0.5,)); \
 print(fp16_parity(src, dst, x), 'allowed', FP16_PARITY_ATOL)"
 
 Every DenseNet-121 op (Conv, BatchNormalization, Relu, Concat, AveragePool, MaxPool,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from serving.repository.layout import ONNX_FILE, ModelSet, RepositoryOptions, write_model_set
-from training.data import prepare_split
+from training.data import DataOptions, open_split
 from training.errors import ExportError
 from training.registry import LoadedModel
 from training.spec import ModelSpec
@@ -108,16 +108,10 @@ def parity(
 
 def parity_images(spec: ModelSpec, data_dir: str, count: int) -> np.ndarray:
     """``count`` real validation images of the model's data set, preprocessed."""
-    split = prepare_split(
-        spec.dataset,
-        "val",
-        data_dir,
-        image_size=spec.image_size,
-        max_samples=count,
-        mean=spec.mean,
-        std=spec.std,
+    split = open_split(
+        DataOptions(spec.dataset, data_dir), "val", image_size=spec.image_size, max_samples=count
     )
-    return split.x[:count]
+    return split.model_input(spec.mean, spec.std)[:count]
 
 
 def export_model(

@@ -10,38 +10,41 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.pipeline import write_medmnist_npz
-from training.data import known_datasets, load_split, npz_path, prepare_split
+from training.data import DataOptions, known_datasets, medmnist_arrays, npz_path, open_split
 from training.errors import ConfigError, DataError
 from training.images import read_dicom_ids, read_image, read_image_bytes
 from training.transforms import normalize, resize_to_uint8, to_model_input
 
 
-def test_load_split_reads_medmnist_npz(data_dir: Path) -> None:
+def test_medmnist_arrays_are_the_npz_as_stored(data_dir: Path) -> None:
     raw = np.load(npz_path("pneumoniamnist", data_dir))
-    images, labels = load_split("pneumoniamnist", "val", data_dir)
+    images, labels = medmnist_arrays("pneumoniamnist", "val", data_dir)
     assert images.dtype == np.uint8 and images.shape == raw["val_images"].shape
     assert labels.shape == (len(images), 1)
     np.testing.assert_array_equal(images, raw["val_images"])
     np.testing.assert_array_equal(labels[:, 0], raw["val_labels"][:, 0])
 
 
-def test_prepare_split_preprocesses_and_stratifies(data_dir: Path) -> None:
-    split = prepare_split("pneumoniamnist", "train", data_dir, image_size=40, max_samples=50)
-    assert split.x.shape == (50, 1, 40, 40) and split.x.dtype == np.float32
-    assert split.x.min() >= -1.0 and split.x.max() <= 1.0
-    assert set(np.unique(split.y[:, 0])) == {0, 1}
+def test_open_split_preprocesses_and_stratifies(data_dir: Path) -> None:
+    split = open_split(
+        DataOptions("pneumoniamnist", str(data_dir)), "train", image_size=40, max_samples=50
+    )
+    x = split.model_input((0.5,), (0.5,))
+    assert x.shape == (50, 1, 40, 40) and x.dtype == np.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert set(np.unique(split.labels[:, 0])) == {0, 1}
 
 
 def test_missing_file_names_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
-        load_split("pneumoniamnist", "train", tmp_path)
+        medmnist_arrays("pneumoniamnist", "train", tmp_path)
     message = str(err.value)
     assert str(tmp_path / "pneumoniamnist.npz") in message and str(tmp_path) in message
 
 
 def test_unknown_dataset_lists_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_split("lungmnist", "train", tmp_path)
+        medmnist_arrays("lungmnist", "train", tmp_path)
     assert "lungmnist" in str(err.value)
     for name in ("pneumoniamnist", "breastmnist", "chestmnist"):
         assert name in str(err.value) and name in known_datasets()
@@ -52,7 +55,7 @@ def test_labels_out_of_range_are_refused(tmp_path: Path) -> None:
         tmp_path / "pneumoniamnist.npz", {"train": 8, "val": 4, "test": 4}, n_classes=3
     )
     with pytest.raises(DataError, match=r"train_labels must lie in 0\.\.1"):
-        load_split("pneumoniamnist", "train", tmp_path)
+        medmnist_arrays("pneumoniamnist", "train", tmp_path)
     assert path.exists()
 
 
