@@ -112,10 +112,6 @@ class TrainConfig:
             self.pretrained_weights = str(Path(self.pretrained_weights).expanduser().resolve())
         self.validate()
 
-    @property
-    def registered_name(self) -> str:
-        return self.model_name or f"{self.dataset}-densenet121"
-
     def validate(self) -> None:
         checks = [
             (self.size in (28, 64, 128, 224), "size", "one of 28, 64, 128, 224", self.size),

@@ -38,7 +38,6 @@ from training.transforms import resize_image
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-ARRAY_SUFFIXES = {".npy"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 DICOM_IDS = "PatientID StudyInstanceUID SeriesInstanceUID SOPInstanceUID AccessionNumber Modality"
 CACHE_VERSION = 1  # bump when decoding or resizing changes: old cache entries are then ignored

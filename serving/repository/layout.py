@@ -248,7 +248,7 @@ def spec_from_config(config: model_config_pb2.ModelConfig) -> ModelSpec:
     if SPEC_PARAMETER not in config.parameters:
         raise ConfigError(
             f"model {config.name or '?'} has no {SPEC_PARAMETER!r} parameter; "
-            "was it written by serving.repository.layout.write_classifier?"
+            "was it written by serving.repository.layout.write_model_set?"
         )
     return ModelSpec.from_json(config.parameters[SPEC_PARAMETER].string_value)
 

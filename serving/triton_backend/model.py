@@ -1,6 +1,6 @@
 """Triton Python-backend model that runs an ONNX classifier with ONNX Runtime.
 
-:func:`serving.repository.layout.write_classifier` copies this file verbatim into
+:func:`serving.repository.layout.write_model_set` copies this file verbatim into
 ``<repository>/<model>/<version>/model.py``; Triton's Python backend imports it
 there, so it may import only the standard library, numpy, onnxruntime and
 ``triton_python_backend_utils``. The model config supplies everything else:

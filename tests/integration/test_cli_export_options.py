@@ -111,29 +111,30 @@ def test_bad_export_options_fail_before_any_work(medimg_cmd, tmp_path: Path) -> 
 def test_cli_batching_defaults_are_the_measured_ones(command) -> None:
     """No batching flag: RepositoryOptions' defaults (not argparse's own); '' and 0 turn
     the preferred sizes and the delay off; a value is taken as given."""
-    from serving import cli
+    from serving.cli import build_parser
+    from serving.cli.options import repository_options
 
-    parser = cli.build_parser()
+    parser = build_parser()
     base = [command] + (["--model", "m"] if command == "export" else [])
-    unset = cli.repository_options(parser.parse_args(base))
+    unset = repository_options(parser.parse_args(base))
     defaults = RepositoryOptions()
     assert (unset.preferred_batch_sizes, unset.max_queue_delay_us) == (
         defaults.preferred_batch_sizes,
         defaults.max_queue_delay_us,
     )
-    off = cli.repository_options(
+    off = repository_options(
         parser.parse_args([*base, "--preferred-batch-sizes", "", "--max-queue-delay-us", "0"])
     )
     assert (off.preferred_batch_sizes, off.max_queue_delay_us) == ((), 0)
-    given = cli.repository_options(
+    given = repository_options(
         parser.parse_args([*base, "--preferred-batch-sizes", "4,16", "--max-queue-delay-us", "70"])
     )
     assert (given.preferred_batch_sizes, given.max_queue_delay_us) == ((4, 16), 70)
     assert unset.borrow_idle_cores
-    assert not cli.repository_options(
+    assert not repository_options(
         parser.parse_args([*base, "--no-borrow-idle-cores"])
     ).borrow_idle_cores
     with pytest.raises(ConfigError, match="--no-borrow-idle-cores applies to --target cpu"):
-        cli.repository_options(
+        repository_options(
             parser.parse_args([*base, "--target", "gpu", "--no-borrow-idle-cores"])
         )

@@ -28,7 +28,6 @@ from serving.repository.model_config import (
     classifier_config,
     engine_config,
     parse_version_policy,
-    step_models,
 )
 from tests.fixtures.triton import FakeTritonError, fake_pb_utils
 from training.errors import ConfigError
@@ -144,7 +143,7 @@ def test_preprocess_config_and_its_warmup_sample(tiny_classifier_repository, tin
 def test_ensemble_wires_preprocess_into_the_classifier(tiny_classifier_repository):
     config = read_config(tiny_classifier_repository / MODEL)
     assert config.platform == "ensemble"
-    assert step_models(config) == [PREPROCESS, CLASSIFIER]
+    assert [s.model_name for s in config.ensemble_scheduling.step] == [PREPROCESS, CLASSIFIER]
     assert [(i.name, i.data_type) for i in config.input] == [
         ("image", model_config_pb2.TYPE_STRING)
     ]
