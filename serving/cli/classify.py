@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.cli.options import add_client_options
-from serving.clients.commands import _csv_text, _ids, finish, prob_columns, run_client
-from serving.clients.sync import ModelContract
+from serving.clients.commands import csv_text, dicom_ids_of, finish, prob_columns, run_client
+from serving.clients.contract import ModelContract
 from serving.repository.layout import check_writable, write_atomic
 from training.errors import ConfigError
 from training.images import DICOM_IDS
@@ -26,9 +26,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     run = run_client(args, "classify")
     if args.csv:
         names = run.contract.spec.class_names
-        rows = [[p.file, p.label, f"{p.probability:.6f}", *(f"{p.probabilities[n]:.6f}"
-                 for n in names)] for p in run.ok]  # fmt: skip
-        sys.stdout.write(_csv_text(["file", "label", "probability", *prob_columns(names)], rows))
+        rows = [
+            [p.file, p.label, f"{p.probability:.6f}", *(f"{p.probabilities[n]:.6f}" for n in names)]
+            for p in run.ok
+        ]
+        sys.stdout.write(csv_text(["file", "label", "probability", *prob_columns(names)], rows))
     else:
         for p in run.ok:
             print(p.as_json() if args.json else p.as_text())
@@ -47,11 +49,18 @@ def cmd_label(args: argparse.Namespace) -> int:
     rows = []
     for p in run.ok:
         review = p.probability < args.review_below
-        rows.append([p.file, p.label, f"{p.probability:.6f}", "true" if review else "false",
-                     *(f"{p.probabilities[n]:.6f}" for n in names)])  # fmt: skip
+        rows.append(
+            [
+                p.file,
+                p.label,
+                f"{p.probability:.6f}",
+                "true" if review else "false",
+                *(f"{p.probabilities[n]:.6f}" for n in names),
+            ]
+        )
     header = ["file", "label", "probability", "needs_review", *prob_columns(names)]
     out = Path(args.out)
-    write_atomic(out, _csv_text(header, rows).encode())
+    write_atomic(out, csv_text(header, rows).encode())
     counts = Counter(p.label for p in run.ok)
     review = sum(1 for r in rows if r[3] == "true")
     print(f"labelled {len(rows)} image(s) into {out}")
@@ -85,10 +94,17 @@ def cmd_triage(args: argparse.Namespace) -> int:
     by_file = {i.name: i for i in run.items}
     rows = []
     for rank, p in enumerate(ranked, 1):
-        ids = _ids(by_file.get(p.file))
-        rows.append([rank, p.file, f"{p.probabilities[finding]:.6f}", p.label,
-                     *(ids.get(f, "") for f in id_fields)])  # fmt: skip
-    text = _csv_text(["rank", "file", f"prob_{finding}", "label", *id_fields], rows)
+        ids = dicom_ids_of(by_file.get(p.file))
+        rows.append(
+            [
+                rank,
+                p.file,
+                f"{p.probabilities[finding]:.6f}",
+                p.label,
+                *(ids.get(f, "") for f in id_fields),
+            ]
+        )
+    text = csv_text(["rank", "file", f"prob_{finding}", "label", *id_fields], rows)
     if args.out:
         out = Path(args.out)
         write_atomic(out, text.encode(), mode=0o600)  # may hold patient identifiers
@@ -110,8 +126,12 @@ def register(sub) -> None:
     p = sub.add_parser("label", help="auto-label unlabelled images into a CSV (with review flags)")
     add_client_options(p)
     p.add_argument("--out", required=True, help="labels CSV to write (e.g. labels.csv)")
-    p.add_argument("--review-below", type=float, default=0.9,
-                   help="flag predictions whose probability is below P (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--review-below",
+        type=float,
+        default=0.9,
+        help="flag predictions whose probability is below P (default %(default)s)",
+    )
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("triage", help="order studies by the predicted probability of a finding")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.clients.aio import AsyncTritonClassifier
+from serving.clients.contract import ModelContract, Prediction
 from serving.clients.inputs import Item, collect_items
-from serving.clients.sync import ModelContract, Prediction
 from training.errors import ConfigError
 
 
@@ -88,19 +88,23 @@ def run_client(
     items, errors = collect_items(args.paths, args.split)
 
     async def go() -> tuple[list[Prediction], ModelContract]:
-        client = AsyncTritonClassifier(args.url, args.protocol, args.model, args.timeout_s,
-                                       client_preprocess=args.client_preprocess)  # fmt: skip
+        client = AsyncTritonClassifier(
+            args.url,
+            args.protocol,
+            args.model,
+            args.timeout_s,
+            client_preprocess=args.client_preprocess,
+        )
         async with client:
-            contract = client._contract
+            contract = client.contract
             if check is not None:
                 check(contract)
             for warning in dataset_warnings(args.paths, contract):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
             with _progress(len(items), desc) as bar:
                 preds = await client.classify_all(
-                    items, batch_size=args.batch_size, in_flight=args.in_flight,
-                    on_done=bar.update,
-                )  # fmt: skip
+                    items, batch_size=args.batch_size, in_flight=args.in_flight, on_done=bar.update
+                )
             return preds, contract
 
     predictions, contract = asyncio.run(go())
@@ -116,7 +120,8 @@ def finish(errors: Sequence[str], total: int) -> int:
     return 1 if errors else 0
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A CSV document (``\n`` line ends) of ``header`` and ``rows``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -125,23 +130,15 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def prob_columns(class_names: Sequence[str]) -> list[str]:
+    """One ``prob_<class>`` column name per class."""
     return [f"prob_{name}" for name in class_names]
 
 
-
-
-
-
-
-
-
-
-def _ids(item: Item | None) -> dict[str, str]:
+def dicom_ids_of(item: Item | None) -> dict[str, str]:
+    """The DICOM identifiers of ``item``'s file; {} when there are none or none readable."""
     if item is None:
         return {}
     try:
         return item.dicom_ids()
     except Exception:  # the identifiers are optional; the image itself was classified
         return {}
-
-

@@ -24,7 +24,6 @@ from training.images import read_dicom_ids, read_image
 from training.spec import ModelSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".npy"}
-NPZ_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,11 @@ def npz_items(path: Path, split: str = "") -> list[Item]:
     split), named ``FILE:SPLIT[i]``."""
     try:
         with zipfile.ZipFile(path) as archive:
-            keys = sorted(n.removesuffix("_images.npy") for n in archive.namelist()
-                          if n.endswith("_images.npy"))  # fmt: skip
+            keys = sorted(
+                n.removesuffix("_images.npy")
+                for n in archive.namelist()
+                if n.endswith("_images.npy")
+            )
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     if not keys:

@@ -12,24 +12,29 @@ import contextlib
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.clients.session import Call
 from training.errors import ConfigError, ServingError
+
+if TYPE_CHECKING:
+    from serving.clients.aio import AsyncTritonClassifier
 
 
 class SharedMemorySlots:
     """``count`` pairs of input/output regions for ``array`` on ``client``'s server, one
     per concurrent worker; ``async with`` registers them and always unregisters."""
 
-    def __init__(self, client, array: np.ndarray, count: int) -> None:
+    def __init__(self, client: AsyncTritonClassifier, array: np.ndarray, count: int) -> None:
         if array.dtype != np.float32:
             raise ConfigError(
                 "--shared-memory: needs a tensor model (NAME_onnx, FP32 input); "
                 f"this model takes {array.dtype} (encoded images)"
             )
         self.client, self.array, self.count = client, np.ascontiguousarray(array), count
-        spec = client._contract.spec
+        spec = client.contract.spec
         self.out_shape = (len(array), spec.num_classes)
         self.in_bytes, self.out_bytes = self.array.nbytes, int(np.prod(self.out_shape)) * 4
         self.tag = f"medimg_{os.getpid()}_{secrets.token_hex(3)}"
@@ -46,10 +51,9 @@ class SharedMemorySlots:
                     self._handles.append((name, handle))
                     if kind == "in":
                         shm.set_shared_memory_region(handle, [self.array])
-                    await self.client._call(
-                        f"register shared memory {name}",
-                        self.client._client.register_system_shared_memory(name, f"/{name}", size),
-                    )
+                    what = f"register shared memory {name}"
+                    args = (name, f"/{name}", size)
+                    await self.client.perform(Call(what, "register_system_shared_memory", args))
         except BaseException:
             await self.__aexit__()
             raise
@@ -60,7 +64,8 @@ class SharedMemorySlots:
 
         for name, handle in self._handles:
             with contextlib.suppress(Exception):
-                await self.client._client.unregister_system_shared_memory(name)
+                what = f"unregister shared memory {name}"
+                await self.client.perform(Call(what, "unregister_system_shared_memory", (name,)))
             with contextlib.suppress(Exception):
                 shm.destroy_shared_memory_region(handle)
         self._handles = []
@@ -69,8 +74,8 @@ class SharedMemorySlots:
         """A coroutine function sending one request through worker ``i``'s regions."""
         import tritonclient.utils.shared_memory as shm
 
-        client, contract = self.client, self.client._contract
-        mod = client._mod
+        client, contract = self.client, self.client.contract
+        mod = client.module
         in_name, out_name = f"{self.tag}_{i}_in", f"{self.tag}_{i}_out"
         out_handle = dict(self._handles)[out_name]
 
@@ -79,10 +84,9 @@ class SharedMemorySlots:
             inp.set_shared_memory(in_name, self.in_bytes)
             out = mod.InferRequestedOutput(contract.spec.output_name)
             out.set_shared_memory(out_name, self.out_bytes)
-            await client._call(
-                f"inference on {contract.tensor_model!r}",
-                client._client.infer(contract.tensor_model, [inp], outputs=[out]),
-            )
+            what = f"inference on {contract.tensor_model!r}"
+            args = (contract.tensor_model, [inp])
+            await client.perform(Call(what, "infer", args, {"outputs": [out]}))
             result = shm.get_contents_as_numpy(out_handle, np.float32, self.out_shape)
             if not np.isfinite(result).all():
                 raise ServingError(f"{contract.tensor_model}: non-finite output in {out_name}")

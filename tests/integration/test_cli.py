@@ -15,7 +15,7 @@ from PIL import Image
 
 from serving.clients.sync import TritonClassifier
 from tests.fixtures.pipeline import wait_for_output
-from training.data import prepare_split
+from training.data import DataOptions, open_split
 
 pytestmark = pytest.mark.timeout(600)
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"
@@ -24,7 +24,7 @@ SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"
 @pytest.fixture(scope="module")
 def served(exported, medimg_cmd, tmp_path_factory):
     """``medimg serve`` on free loopback ports, stopped by its PID."""
-    from serving.server.process import find_free_port
+    from serving.server.network import find_free_port
 
     ports = [find_free_port() for _ in range(3)]
     _, repository, _ = exported
@@ -62,9 +62,9 @@ def served(exported, medimg_cmd, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, data_dir) -> dict[str, Path]:
     """Real test-split images as PNG, JPEG (RGB, larger) and .npy, plus bad files."""
-    from training.data import load_split
+    from training.data import medmnist_arrays
 
-    raw, _ = load_split("pneumoniamnist", "test", data_dir)
+    raw, _ = medmnist_arrays("pneumoniamnist", "test", data_dir)
     folder = tmp_path_factory.mktemp("images")
     Image.fromarray(raw[0]).save(folder / "grey.png")
     Image.fromarray(np.stack([raw[1]] * 3, axis=2)).resize((200, 150)).save(folder / "rgb.jpg")
@@ -91,7 +91,10 @@ def images(tmp_path_factory, data_dir) -> dict[str, Path]:
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_served_probabilities_equal_onnxruntime(served, exported, data_dir, protocol) -> None:
     loaded, _, report = exported
-    x = prepare_split("pneumoniamnist", "test", data_dir, image_size=loaded.spec.image_size).x[:45]
+    test = open_split(
+        DataOptions("pneumoniamnist", str(data_dir)), "test", image_size=loaded.spec.image_size
+    )
+    x = test.model_input(loaded.spec.mean, loaded.spec.std)[:45]
     expected = ort.InferenceSession(str(report.onnx_path)).run(None, {"input": x})[0]
     with TritonClassifier(served[protocol], protocol) as client:
         assert client.model == "pneumoniamnist-densenet121" and client.spec == loaded.spec

@@ -1,8 +1,9 @@
 """The client library and the client commands against a real tritonserver serving the tiny
 model set: sync and asyncio clients over HTTP and gRPC, ``classify`` on directories and
-``.npz`` splits, ``label``, ``triage`` with DICOM identifiers, ``bench`` and ``tune-server``::
+``.npz`` splits, ``label``, ``triage`` with DICOM identifiers (``bench`` and ``tune-server``:
+test_bench.py, test_tune_server.py)::
 
-    python -m pytest tests/test_clients.py -q
+    python -m pytest tests/integration/test_clients.py -q
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import asyncio
 import csv
 import io
 import json
-import os
-import shutil
 import stat
 import subprocess
 import time
@@ -25,15 +24,13 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from serving.clients.aio import AsyncTritonClassifier
-from serving.clients.inputs import collect_items, png_bytes
-from serving.clients.sync import TritonClassifier, client_url
-from serving.perf.bench import BenchOptions
-from serving.perf.tune_server import current_knobs, sweep, write_best
-from serving.repository.layout import read_config
+from serving.clients.contract import client_url
+from serving.clients.inputs import collect_items
+from serving.clients.sync import TritonClassifier
 from serving.server.process import TritonServer
 from tests.fixtures.pipeline import write_medmnist_npz
 from tests.fixtures.triton import MODEL, _ports
-from training.data import load_split
+from training.data import medmnist_arrays
 from training.errors import ServingError
 from training.images import read_image
 
@@ -75,7 +72,7 @@ def _dicom(path: Path, *, with_ids: bool) -> Path:
 def folder(tmp_path_factory, data_dir) -> Path:
     """PNG and .npy images from the test split, a DICOM study with identifiers (one with a
     .dcm name, one without a suffix), a nested folder, and a text file posing as a PNG."""
-    raw, _ = load_split("pneumoniamnist", "test", data_dir)
+    raw, _ = medmnist_arrays("pneumoniamnist", "test", data_dir)
     root = tmp_path_factory.mktemp("studies")
     (root / "nested").mkdir()
     for i in range(5):
@@ -125,6 +122,11 @@ def _run(medimg_cmd, *args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+def _on(server, protocol: str) -> list[str]:
+    """The options that point a client command at ``server`` over ``protocol``."""
+    return ["--url", server[protocol], "--protocol", protocol]
+
+
 def test_url_as_serve_prints_it(server, folder, medimg_cmd) -> None:
     """``medimg serve`` prints ``HTTP http://HOST:PORT``; ``--url`` takes that form too."""
     result = _run(medimg_cmd, "classify", folder, "--url", f"http://{server['http']}/")
@@ -150,8 +152,11 @@ def test_an_unwritable_out_fails_before_any_request(
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / ("results" if command == "bench" else "out.csv")
-    extra = {"label": [folder], "triage": [folder, "--finding", "pneumonia"],
-             "bench": ["--concurrency", "1", "--duration-s", "1", "--model", MODEL]}  # fmt: skip
+    extra = {
+        "label": [folder],
+        "triage": [folder, "--finding", "pneumonia"],
+        "bench": ["--concurrency", "1", "--duration-s", "1", "--model", MODEL],
+    }
     before = _inference_count(server)
     result = _run(medimg_cmd, command, *extra[command], "--out", out, "--url", server["http"])
     assert result.returncode == 1, result.stderr
@@ -163,8 +168,7 @@ def test_an_unwritable_out_fails_before_any_request(
 def test_unknown_model_is_named_and_the_connection_closed(
     server, folder, medimg_cmd, protocol
 ) -> None:
-    result = _run(medimg_cmd, "classify", folder, "--model", "nosuch",
-                  "--url", server[protocol], "--protocol", protocol)  # fmt: skip
+    result = _run(medimg_cmd, "classify", folder, "--model", "nosuch", *_on(server, protocol))
     assert result.returncode == 1
     assert "'nosuch'" in result.stderr and "not found" in result.stderr
     assert "Unclosed" not in result.stderr, result.stderr  # aiohttp: a session left open
@@ -173,8 +177,9 @@ def test_unknown_model_is_named_and_the_connection_closed(
 def test_classify_directory_as_csv_with_a_bad_file(server, folder, medimg_cmd, tmp_path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = _run(medimg_cmd, "classify", folder, bad, "--url", server["grpc"],
-                  "--protocol", "grpc", "--csv", "--batch-size", "4")  # fmt: skip
+    result = _run(
+        medimg_cmd, "classify", folder, bad, "--csv", "--batch-size", "4", *_on(server, "grpc")
+    )
     assert result.returncode == 1
     assert "broken.png" in result.stderr and "1 of 9 input(s) failed" in result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -190,14 +195,13 @@ def test_classify_directory_as_csv_with_a_bad_file(server, folder, medimg_cmd, t
 def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, expected) -> None:
     npz = data_dir / "pneumoniamnist.npz"
     out = tmp_path / "labels.csv"
-    result = _run(medimg_cmd, "label", npz, "--split", "val", "--out", out,
-                  "--review-below", "0.6", "--url", server["http"])  # fmt: skip
+    label = ["label", npz, "--split", "val", "--out", out, "--review-below", "0.6"]
+    result = _run(medimg_cmd, *label, *_on(server, "http"))
     assert result.returncode == 0, result.stderr
-    raw, _ = load_split("pneumoniamnist", "val", data_dir)
+    raw, _ = medmnist_arrays("pneumoniamnist", "val", data_dir)
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == [
-        "file", "label", "probability", "needs_review", "prob_normal", "prob_pneumonia"
-    ]  # fmt: skip
+    header = "file label probability needs_review prob_normal prob_pneumonia"
+    assert list(rows[0]) == header.split()
     assert [r["file"] for r in rows] == [f"{npz}:val[{i}]" for i in range(len(raw))]
     for i in (0, len(raw) // 2, len(raw) - 1):
         np.testing.assert_allclose(
@@ -218,7 +222,7 @@ def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, expected) -> No
 @pytest.mark.parametrize("name", ["breastmnist.npz", "breastmnist_64.npz"])
 def test_an_npz_of_another_medmnist_set_is_flagged(server, medimg_cmd, tmp_path, name) -> None:
     npz = write_medmnist_npz(tmp_path / name, {"test": 4})
-    result = _run(medimg_cmd, "classify", npz, "--url", server["grpc"], "--protocol", "grpc")
+    result = _run(medimg_cmd, "classify", npz, *_on(server, "grpc"))
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4  # still classified: a warning, not an error
     assert f"warning: {name} holds MedMNIST's breastmnist" in result.stderr
@@ -228,8 +232,9 @@ def test_an_npz_of_another_medmnist_set_is_flagged(server, medimg_cmd, tmp_path,
 def test_label_missing_split_and_bad_threshold(server, data_dir, medimg_cmd, tmp_path) -> None:
     out = tmp_path / "labels.csv"
     npz = data_dir / "pneumoniamnist.npz"
-    result = _run(medimg_cmd, "label", npz, "--split", "holdout", "--out", out,
-                  "--url", server["http"])  # fmt: skip
+    result = _run(
+        medimg_cmd, "label", npz, "--split", "holdout", "--out", out, *_on(server, "http")
+    )
     assert result.returncode == 1 and "no split 'holdout'" in result.stderr
     result = _run(medimg_cmd, "label", npz, "--out", out, "--review-below", "1.5")
     assert result.returncode == 1 and "--review-below" in result.stderr
@@ -239,8 +244,9 @@ def test_triage_orders_by_finding_and_keeps_identifiers_in_the_worklist(
     server, folder, medimg_cmd, tmp_path, expected
 ) -> None:
     out = tmp_path / "worklist.csv"
-    result = _run(medimg_cmd, "triage", folder, "--finding", "Pneumonia", "--out", out,
-                  "--url", server["grpc"], "--protocol", "grpc")  # fmt: skip
+    result = _run(
+        medimg_cmd, "triage", folder, "--finding", "Pneumonia", "--out", out, *_on(server, "grpc")
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     probs = [float(r["prob_pneumonia"]) for r in rows]
@@ -261,120 +267,10 @@ def test_triage_orders_by_finding_and_keeps_identifiers_in_the_worklist(
         assert secret not in result.stdout + result.stderr
 
     missing = tmp_path / "none.csv"
-    result = _run(medimg_cmd, "triage", folder, "--finding", "effusion", "--out", missing,
-                  "--url", server["grpc"], "--protocol", "grpc")  # fmt: skip
+    triage = ["triage", folder, "--finding", "effusion", "--out", missing]
+    result = _run(medimg_cmd, *triage, *_on(server, "grpc"))
     assert result.returncode == 1 and "['normal', 'pneumonia']" in result.stderr
     assert not missing.exists()
-
-
-def test_bench_writes_csv_and_curve(server, medimg_cmd, tmp_path) -> None:
-    result = _run(medimg_cmd, "bench", "--model", f"{MODEL}_onnx", "--url", server["grpc"],
-                  "--protocol", "grpc", "--concurrency", "1,4", "--duration-s", "1.5",
-                  "--warmup-s", "0.3", "--out", tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    csv_path = tmp_path / f"bench-{MODEL}_onnx-grpc-b1.csv"
-    rows = list(csv.DictReader(csv_path.open()))
-    assert [int(r["concurrency"]) for r in rows] == [1, 4]
-    for r in rows:
-        assert int(r["failed"]) == 0 and int(r["requests"]) > 10
-        ms = [float(r[k]) for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms")]
-        assert 0 < ms[0] <= ms[1] <= ms[2] <= ms[3]
-        throughput = int(r["requests"]) / float(r["duration_s"])
-        assert float(r["throughput"]) == pytest.approx(throughput, rel=1e-2)
-        assert float(r["server_compute_infer_us"]) > 0 and float(r["server_queue_us"]) > 0
-        assert float(r["server_avg_batch"]) >= 1
-        # the load generator's CPU per request: some, and at most all cores for its share
-        assert 0 < float(r["client_cpu_ms"]) < 1000 * os.cpu_count() / float(r["throughput"])
-    # the server's own time for a request cannot exceed what the client waited for it
-    split = sum(float(rows[0][f"server_{k}_us"]) for k in ("queue", "compute_input",
-                                                            "compute_infer", "compute_output"))  # fmt: skip
-    assert split / 1e3 < float(rows[0]["p99_ms"])
-    png = tmp_path / f"bench-{MODEL}_onnx-grpc-b1.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_tune_server_writes_the_best_config_that_then_serves(
-    tiny_classifier_repository, tmp_path, triton_cache_dir, expected
-) -> None:
-    repo = tmp_path / "repository"
-    shutil.copytree(tiny_classifier_repository, repo)
-    bench = BenchOptions(protocol="grpc", model=MODEL, concurrency=(1, 4), duration_s=0.6,
-                         warmup_s=0.1)  # fmt: skip
-    before, models = current_knobs(repo, MODEL)
-    baseline, trials = sweep(repo, MODEL, bench, space={"max_queue_delay_us": (2000,)})
-    assert baseline.knobs == before and before.max_queue_delay_us != 2000 and len(trials) == 2
-    assert all(t.feasible and t.throughput > 0 for t in trials)
-    pick = next(t for t in trials if t.knobs.max_queue_delay_us == 2000).knobs
-    write_best(repo, MODEL, pick)
-    for name in models[1:]:  # the delay is the classifier's; preprocess keeps none
-        config = read_config(repo / name)
-        delay = 2000 if name == models[2] else 0
-        assert config.dynamic_batching.max_queue_delay_microseconds == delay
-        assert (repo / name / "config.pbtxt.before-tune").is_file()
-    assert current_knobs(repo, MODEL)[0] == pick
-    image = np.full((40, 40), 90, dtype=np.uint8)
-    with TritonServer(repo, **_ports()) as srv, TritonClassifier(srv.grpc_url, "grpc") as client:
-        np.testing.assert_allclose(
-            client.infer_bytes([png_bytes(image)])[0], expected(image), atol=1e-5
-        )
-
-
-def test_tune_server_leaves_the_repository_alone_when_nothing_fits(
-    tiny_classifier_repository, tmp_path, triton_cache_dir
-) -> None:
-    from serving.perf.tune_server import check_result
-
-    repo = tmp_path / "repository"
-    shutil.copytree(tiny_classifier_repository, repo)
-    snapshot = {p: p.read_bytes() for p in repo.rglob("config.pbtxt")}
-    bench = BenchOptions(protocol="http", model=MODEL, concurrency=(1,), duration_s=0.5,
-                         warmup_s=0)  # fmt: skip
-    baseline, trials = sweep(repo, MODEL, bench, space={}, p99_budget_ms=0.001)
-    assert trials == [baseline] and not baseline.feasible
-    with pytest.raises(ServingError, match="p99-budget-ms"):
-        check_result(baseline, baseline, 0.03)
-    assert {p: p.read_bytes() for p in repo.rglob("config.pbtxt")} == snapshot
-
-
-def test_tune_server_walks_towards_the_p99_budget_while_nothing_fits(
-    tiny_classifier_repository, tmp_path, triton_cache_dir
-) -> None:
-    """With every trial over the budget the descent still moves, to the lower p99: a 20 ms
-    queue delay at concurrency 1 (each lone request waits it out) loses to none, and the
-    next knob is tried from there; the error names the closest configuration."""
-    from dataclasses import replace
-
-    from serving.perf.tune_server import check_result
-
-    repo = tmp_path / "repository"
-    shutil.copytree(tiny_classifier_repository, repo)
-    slow = replace(current_knobs(repo, MODEL)[0], max_queue_delay_us=20000)
-    write_best(repo, MODEL, slow)
-    bench = BenchOptions(protocol="grpc", model=f"{MODEL}_onnx", concurrency=(1,),
-                         duration_s=0.6, warmup_s=0.1)  # fmt: skip
-    space = {"max_queue_delay_us": (0,), "preferred_batch_sizes": ((),)}
-    baseline, trials = sweep(repo, MODEL, bench, space=space, p99_budget_ms=0.001)
-    assert [t.knobs for t in trials] == [
-        slow,
-        replace(slow, max_queue_delay_us=0),
-        replace(slow, max_queue_delay_us=0, preferred_batch_sizes=()),
-    ]
-    assert not any(t.feasible for t in trials)
-    assert baseline.p99_low_ms >= 20 > trials[1].p99_low_ms
-    best = min(trials, key=lambda t: t.p99_low_ms)
-    with pytest.raises(ServingError, match=rf"lowest p99 was {best.p99_low_ms:.2f} ms \(delay 0us"):
-        check_result(best, baseline, 0.1)
-
-
-def test_tune_server_does_not_sweep_what_its_bench_never_reaches() -> None:
-    from serving.perf.tune_server import default_space
-
-    assert "preprocess_instances" in default_space(2, send="images")
-    tensors = default_space(2, send="tensors")
-    assert "preprocess_instances" not in tensors and tensors["instances"] == (1, 2)
-    # instances before threads: one instance keeps "0" (every core) when it is tried
-    order = list(tensors)
-    assert order.index("instances") < order.index("intra_op_threads")
 
 
 def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
@@ -386,22 +282,6 @@ def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
     record = json.loads(lines.stdout)
     assert (file, label) == (record["file"], record["label"])
     assert float(prob) == pytest.approx(record["probabilities"][label], abs=1e-4)
-
-
-def test_bench_through_shared_memory_cleans_up(server) -> None:
-    import tritonclient.grpc as grpcclient
-
-    from serving.perf.bench import run_bench
-
-    opts = BenchOptions(url=server["grpc"], protocol="grpc", model=f"{MODEL}_onnx",
-                        concurrency=(1, 3), duration_s=0.7, warmup_s=0.1, shared_memory=True)  # fmt: skip
-    results = run_bench(opts)
-    assert [r.failed for r in results] == [0, 0] and all(r.requests > 5 for r in results)
-    status = grpcclient.InferenceServerClient(server["grpc"]).get_system_shared_memory_status()
-    assert not status.regions  # every region unregistered
-    with pytest.raises(Exception, match="needs a tensor model"):
-        run_bench(BenchOptions(url=server["grpc"], protocol="grpc", model=MODEL,
-                               concurrency=(1,), duration_s=0.2, shared_memory=True))  # fmt: skip
 
 
 def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
@@ -428,14 +308,20 @@ def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
 
 @pytest.mark.parametrize(
     ("status", "refused"),
-    [("400", True), ("413", True), ("StatusCode.INVALID_ARGUMENT", True),
-     ("StatusCode.UNAVAILABLE", False), ("502", False), (None, False)],
-)  # fmt: skip
+    [
+        ("400", True),
+        ("413", True),
+        ("StatusCode.INVALID_ARGUMENT", True),
+        ("StatusCode.UNAVAILABLE", False),
+        ("502", False),
+        (None, False),
+    ],
+)
 def test_only_refused_input_counts_as_the_items_fault(status, refused) -> None:
     """What decides between retrying a batch item by item and failing it whole."""
     from tritonclient.utils import InferenceServerException
 
-    from serving.clients.sync import serving_error
+    from serving.clients.session import serving_error
     from training.errors import RequestRefused
 
     error = serving_error("x", InferenceServerException("msg", status=status))

@@ -63,9 +63,9 @@ def test_publish_switches_versions_with_zero_failed_requests(
     server = TritonServer(
         repo, model_control_mode="explicit", log_file=tmp_path / "server.log", **ports
     )
-    from training.data import load_split
+    from training.data import medmnist_arrays
 
-    image = png_bytes(load_split("pneumoniamnist", "test", cfg.data_dir)[0][:1])
+    image = png_bytes(medmnist_arrays("pneumoniamnist", "test", cfg.data_dir)[0][:1])
     with server:
         traffic = Traffic(server.grpc_url, outcome.model_name, image)
         traffic.start()
