@@ -113,7 +113,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        checks = [
+        checks: list[tuple[bool, str, str, Any]] = [
             (self.size in (28, 64, 128, 224), "size", "one of 28, 64, 128, 224", self.size),
             (
                 self.image_size >= 32,

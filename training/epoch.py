@@ -75,6 +75,7 @@ class Schedule:
     def __init__(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
         self.kind = cfg.scheduler
         sched = torch.optim.lr_scheduler
+        self.impl: sched.LRScheduler | sched.ReduceLROnPlateau
         if self.kind == "cosine":
             self.impl = sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         elif self.kind == "multistep":
@@ -88,7 +89,7 @@ class Schedule:
             raise ConfigError(f"scheduler: unknown {self.kind!r}")
 
     def step(self, val_auc: float) -> None:
-        if self.kind == "plateau":
+        if isinstance(self.impl, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.impl.step(val_auc)
         else:
             self.impl.step()

@@ -161,9 +161,9 @@ def _read_pil(data: bytes, name: str) -> np.ndarray:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return _scale_to_uint8(np.asarray(img, dtype=np.int32))
             if img.mode in ("1", "LA"):
-                img = img.convert("L")
-            elif img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")
+                return np.asarray(img.convert("L"))
+            if img.mode not in ("L", "RGB"):
+                return np.asarray(img.convert("RGB"))
             return np.asarray(img)
     except UnidentifiedImageError as exc:  # PIL's text names only its BytesIO object
         raise DataError(

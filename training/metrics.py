@@ -20,6 +20,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -225,9 +226,9 @@ class ClinicalReport:
                 row = [name, str(self.positives[name])]
                 row += [f"{t:.4f}" for t in self.thresholds[i : i + 1]]
                 lines.append("| " + " | ".join(row + [val(ms[m], True) for m in cols]) + " |")
-        notes = [(m, "", e) for m, e in self.overall.items()]
-        notes += [(m, f", {c}", e) for c, ms in self.per_class.items() for m, e in ms.items()]
-        notes = [f"- {METRICS[m][0]}{c}: {e.note}" for m, c, e in notes if e.note]
+        found = [(m, "", e) for m, e in self.overall.items()]
+        found += [(m, f", {c}", e) for c, ms in self.per_class.items() for m, e in ms.items()]
+        notes = [f"- {METRICS[m][0]}{c}: {e.note}" for m, c, e in found if e.note]
         return "\n".join(lines + (["", "Notes:", *notes] if notes else [])) + "\n"
 
     def to_dict(self) -> dict:
@@ -322,20 +323,24 @@ def clinical_report(
             point["auc"][k] = roc_auc_score(y, scores[:, k])
 
     rng, step = np.random.default_rng(seed), max(1, _CHUNK // len(truth))  # bounded memory
-    reps = {m: [np.empty((0, 1 if m in correct else len(names)))] for m in (*point, *correct)}
+    parts = {m: [np.empty((0, 1 if m in correct else len(names)))] for m in (*point, *correct)}
     for start in range(0, n_boot, step):
         w = _weights(len(truth), min(step, n_boot - start), rng)
         for m, r in _per_class(w, truth, scores, pred).items():
-            reps[m].append(r)
+            parts[m].append(r)
         for m, c in correct.items():
-            reps[m].append((w @ c / len(truth))[:, None])
-    reps = {m: np.concatenate(r) for m, r in reps.items()}
+            parts[m].append((w @ c / len(truth))[:, None])
+    reps = {m: np.concatenate(r) for m, r in parts.items()}
 
     per_class = {
         name: {m: _estimate(point[m][k], reps[m][:, k], ci, METRICS[m][1]) for m in point}
         for k, name in enumerate(names)
     }
-    overall = {"auc": None, **{m: _estimate(acc[m], reps[m][:, 0], ci) for m in correct}}
+    # "auc" first (the report's order), its estimate set with the other per-class means below
+    overall: dict[str, Any] = {
+        "auc": None,
+        **{m: _estimate(acc[m], reps[m][:, 0], ci) for m in correct},
+    }
     for m in point:
         missing = [n for n, v in zip(names, point[m], strict=True) if not math.isfinite(v)]
         note = f"mean over {len(names) - len(missing)} of {len(names)} classes; undefined for "

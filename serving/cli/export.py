@@ -101,8 +101,12 @@ def register(sub) -> None:
         "--data-dir", default="", help="real images for the parity check (the model's data set)"
     )
     p.add_argument("--version", type=int, default=None, help="(default: the next version)")
-    p.add_argument("--fp16", action="store_true", help="serve a float16 ONNX variant "
-                   "(checked against the fp32 one; float32 inputs and outputs)")  # fmt: skip
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="serve a float16 ONNX variant "
+        "(checked against the fp32 one; float32 inputs and outputs)",
+    )
     add_repository_options(p)
     p.set_defaults(func=cmd_export)
 
@@ -114,8 +118,12 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="the ensemble's NAME")
     p.add_argument("--version", type=int, default=None, help="of NAME_onnx (default: newest)")
     p.add_argument("--fp32", action="store_true", help="no FP16 kernels")
-    p.add_argument("--int8-images", type=int, default=0, help="INT8 with entropy "
-                   "calibration on N validation images (0: no INT8)")  # fmt: skip
+    p.add_argument(
+        "--int8-images",
+        type=int,
+        default=0,
+        help="INT8 with entropy calibration on N validation images (0: no INT8)",
+    )
     p.add_argument("--data-dir", default="", help="the model's data set: parity and calibration")
     p.add_argument("--use-in-ensemble", action="store_true", help="route NAME through NAME_trt")
     p.set_defaults(func=cmd_build_engine)
@@ -125,13 +133,23 @@ def register(sub) -> None:
         help="export a registered model as the next version of a Triton repository "
         "(local or s3://) and load it on a running server",
     )
-    p.add_argument("--model", default="", help="NAME@ALIAS or NAME/VERSION (default: the "
-                   "only registered model's @champion)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="",
+        help="NAME@ALIAS or NAME/VERSION (default: the only registered model's @champion)",
+    )
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="DIR or s3://bucket/prefix")
-    p.add_argument("--url", default="", help="HOST:PORT (HTTP) of a server in "
-                   "--model-control-mode explicit: load the new version there")  # fmt: skip
-    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint URL "
-                   "(default: AWS, or $AWS_ENDPOINT_URL)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default="",
+        help="HOST:PORT (HTTP) of a server in "
+        "--model-control-mode explicit: load the new version there",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        default="",
+        help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)",
+    )
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--data-dir", default="", help="real images for the parity check")
     add_repository_options(p)

@@ -135,6 +135,4 @@ def test_cli_batching_defaults_are_the_measured_ones(command) -> None:
         parser.parse_args([*base, "--no-borrow-idle-cores"])
     ).borrow_idle_cores
     with pytest.raises(ConfigError, match="--no-borrow-idle-cores applies to --target cpu"):
-        repository_options(
-            parser.parse_args([*base, "--target", "gpu", "--no-borrow-idle-cores"])
-        )
+        repository_options(parser.parse_args([*base, "--target", "gpu", "--no-borrow-idle-cores"]))

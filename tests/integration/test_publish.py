@@ -73,14 +73,22 @@ def test_publish_switches_versions_with_zero_failed_requests(
         env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri}
         result = subprocess.run(
             [
-                *medimg_cmd, "publish",
-                "--model", f"{outcome.model_name}/{outcome.version}",
-                "--repository", str(repo),
-                "--data-dir", cfg.data_dir,
-                "--url", f"127.0.0.1:{ports['http_port']}",
+                *medimg_cmd,
+                "publish",
+                "--model",
+                f"{outcome.model_name}/{outcome.version}",
+                "--repository",
+                str(repo),
+                "--data-dir",
+                cfg.data_dir,
+                "--url",
+                f"127.0.0.1:{ports['http_port']}",
             ],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         time.sleep(2)
         traffic.stopping.set()
         traffic.join(timeout=60)
@@ -105,14 +113,22 @@ def test_publish_to_a_server_that_is_not_there(trained, medimg_cmd, tmp_path, fr
     url = f"127.0.0.1:{free_port()}"
     result = subprocess.run(
         [
-            *medimg_cmd, "publish",
-            "--model", f"{outcome.model_name}@champion",
-            "--repository", str(tmp_path / "repo"),
-            "--data-dir", cfg.data_dir,
-            "--url", url,
+            *medimg_cmd,
+            "publish",
+            "--model",
+            f"{outcome.model_name}@champion",
+            "--repository",
+            str(tmp_path / "repo"),
+            "--data-dir",
+            cfg.data_dir,
+            "--url",
+            url,
         ],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode != 0
     assert url in result.stderr and "nothing was published" in result.stderr, result.stderr[-2000:]
     assert not (Path(tmp_path) / "repo").exists()  # checked before the (long) export
@@ -141,14 +157,22 @@ def test_publish_to_s3(trained, medimg_cmd, moto_endpoint, tmp_path) -> None:
         url = "s3://medimg-publish/triton"
         result = subprocess.run(
             [
-                *medimg_cmd, "publish",
-                "--model", f"{outcome.model_name}@champion",
-                "--repository", url,
-                "--s3-endpoint", moto_endpoint,
-                "--data-dir", cfg.data_dir,
+                *medimg_cmd,
+                "publish",
+                "--model",
+                f"{outcome.model_name}@champion",
+                "--repository",
+                url,
+                "--s3-endpoint",
+                moto_endpoint,
+                "--data-dir",
+                cfg.data_dir,
             ],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"as version 1 of {outcome.model_name}_preprocess" in result.stdout
         local = tmp_path / "downloaded"

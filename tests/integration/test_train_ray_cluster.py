@@ -18,15 +18,22 @@ pytestmark = pytest.mark.timeout(600)
 
 def _train_args(medimg_cmd, cluster, tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
     return [
-        *medimg_cmd, "train",
-        "--ray-address", cluster.address,
-        "--data-dir", str(data_dir),
-        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--storage-path", str(tmp_path / "ray_results"),
-        "--image-size", "32",
-        "--batch-size", "32",
+        *medimg_cmd,
+        "train",
+        "--ray-address",
+        cluster.address,
+        "--data-dir",
+        str(data_dir),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage-path",
+        str(tmp_path / "ray_results"),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def _only_run(uri: str):
@@ -44,10 +51,21 @@ def test_training_spans_two_nodes_and_survives_a_killed_worker(
     checkpoint and the run finishes with every epoch in MLflow exactly once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = _train_args(
-        medimg_cmd, ray_cluster, tmp_path, data_dir,
-        "--workers", "2", "--cpus-per-worker", "1", "--epochs", "3",
-        "--max-train-samples", "384", "--max-failures", "2",
-    )  # fmt: skip
+        medimg_cmd,
+        ray_cluster,
+        tmp_path,
+        data_dir,
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--epochs",
+        "3",
+        "--max-train-samples",
+        "384",
+        "--max-failures",
+        "2",
+    )
     log = tmp_path / "train.log"
     with log.open("w") as out:
         proc = subprocess.Popen(args, env=cli_env, stdout=out, stderr=subprocess.STDOUT)

@@ -25,10 +25,6 @@ PREPROCESS = Path(__file__).resolve().parents[2] / "serving" / "triton_backend" 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"
 
 
-
-
-
-
 @pytest.fixture()
 def preprocess(tiny_classifier_repository, tiny_classifier_spec, monkeypatch):
     pb = fake_pb_utils()

@@ -41,24 +41,51 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp / "source"  # setuptools writes build/ into the tree it builds: not ours
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp / "dist"), str(source)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (wheel,) = (tmp / "dist").glob("medimg-*.whl")
     env_dir = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (Path(site) / "medimg-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-         str(wheel)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return env_dir
 
 
@@ -70,8 +97,20 @@ def _run(env_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[st
 def test_the_installed_wheel_runs_medimg_help(installed: Path, tmp_path: Path) -> None:
     result = _run(installed, str(installed / "bin" / "medimg"), "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for command in ("train", "tune", "pipeline", "export", "build-engine", "publish", "serve",
-                    "classify", "label", "triage", "bench", "tune-server"):  # fmt: skip
+    for command in (
+        "train",
+        "tune",
+        "pipeline",
+        "export",
+        "build-engine",
+        "publish",
+        "serve",
+        "classify",
+        "label",
+        "triage",
+        "bench",
+        "tune-server",
+    ):
         assert command in result.stdout
 
 

@@ -12,8 +12,11 @@ import functools
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("serving", "training", "benchmarks")
