@@ -12,7 +12,8 @@ import os
 import sys
 
 from serving.server import token as repository_token
-from serving.server.http_guard import DEFAULT_MAX_REQUEST_BYTES, GUARD_ENV, Guard, run_guard
+from serving.server.config import DEFAULT_MAX_REQUEST_BYTES, GUARD_ENV
+from serving.server.http_guard import Guard, run_guard
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,18 @@ medimg serve --repository model_repository --model-control-mode explicit
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from serving.cli.options import add_server_options, server_from_args
+
+if TYPE_CHECKING:
+    from serving.server.process import TritonServer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server.process import serve_foreground
 
-    def ready(server) -> None:
+    def ready(server: TritonServer) -> None:
         guard = f" (guarded, max {server.max_request_bytes} bytes)" if server.http_guard else ""
         print(
             f"Triton ready: HTTP {server.http_url}{guard}  gRPC {server.grpc_url}  "

@@ -3,7 +3,7 @@ the same probabilities as in process; labels through the classification extensio
 warmup at load; version policies; bad input answered with errors naming the problem
 while the server keeps serving::
 
-    python -m pytest tests/test_ensemble.py -q
+    python -m pytest tests/integration/test_ensemble.py -q
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.fixtures.requests import (
     infer_bytes,
     session_for,
 )
-from tests.fixtures.triton import MODEL, export_tiny_onnx, running_server
+from tests.fixtures.triton import MODEL, export_tiny_onnx, server_fixture
 
 pytestmark = pytest.mark.timeout(300)
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"
@@ -49,9 +49,9 @@ def onnx_v2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(triton_cache_dir, tmp_path_factory, tiny_classifier_spec, tiny_classifier_onnx, onnx_v2):
+def versions_repository(tmp_path_factory, tiny_classifier_spec, tiny_classifier_onnx, onnx_v2):
     """The tiny model set, plus two models with versions 1 and 2: one served by the policy
-    ``latest:1``, one by ``all``. Verbose log, to see warmup."""
+    ``latest:1``, one by ``all``."""
     from dataclasses import replace
 
     repo = tmp_path_factory.mktemp("ensemble_repository")
@@ -61,14 +61,10 @@ def server(triton_cache_dir, tmp_path_factory, tiny_classifier_spec, tiny_classi
         opts = RepositoryOptions(version_policy=policy, warmup=False)
         write_model_set(repo, spec, tiny_classifier_onnx, opts)  # version 1
         write_model_set(repo, spec, onnx_v2, opts)  # version 2
-    log = tmp_path_factory.mktemp("ensemble_logs") / "server.log"
-    yield from running_server(repo, log, extra_args=["--log-verbose=1"])
+    return repo
 
 
-
-
-
-
+server = server_fixture("versions_repository", extra_args=["--log-verbose=1"])  # to see warmup
 
 
 @pytest.fixture(params=["http", "grpc"])

@@ -1,9 +1,9 @@
-"""perf_analyzer as ``benchmarks/serving.py``'s load generator: fetched from the package
+"""perf_analyzer as the side-by-side serving benchmark's load generator: fetched from the package
 registry into a temporary medimg cache, run against a real tritonserver, its results read
 back (throughput from its CSV, every request's latency from its profile export) and
 checked against the server's own statistics::
 
-    python -m pytest tests/test_perf_analyzer.py -q
+    python -m pytest tests/integration/test_perf_analyzer.py -q
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from serving.perf.accounting import BenchError
-from serving.perf.perf_analyzer import _latencies_ms, locate, pa_level, write_input
-from tests.fixtures.triton import MODEL, running_server
+from serving.perf.perf_analyzer import latencies_ms, locate, pa_level, write_input
+from tests.fixtures.triton import MODEL, server_fixture
 
 pytestmark = pytest.mark.timeout(300)
 CLASSIFIER = f"{MODEL}_onnx"
@@ -34,10 +34,10 @@ def test_profile_export_with_raw_bytes_in_its_strings_is_read(tmp_path):
     )
     path = tmp_path / "profile.json"
     path.write_bytes(export)
-    assert _latencies_ms(path) == [2.5, 0.25]
+    assert latencies_ms(path) == [2.5, 0.25]
     path.write_bytes(export.replace(b'"response_timestamps":[4250000]', b""))
     with pytest.raises(BenchError, match="2 request stamps but 1 response stamps"):
-        _latencies_ms(path)
+        latencies_ms(path)
 
 
 def test_an_explicit_path_that_is_not_a_program_is_refused(tmp_path):
@@ -45,10 +45,7 @@ def test_an_explicit_path_that_is_not_a_program_is_refused(tmp_path):
         locate(str(tmp_path / "perf_analyzer"))
 
 
-@pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("pa_logs") / "server.log"
-    yield from running_server(tiny_classifier_repository, log)
+server = server_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from serving.repository.s3 import (
     s3_client,
     upload_model_set,
 )
-from serving.server.process import find_free_port
+from serving.server.network import find_free_port
 from training.errors import ConfigError, ServingError
 
 PRE, ONNX, ENS = "tiny_preprocess", "tiny_onnx", "tiny"

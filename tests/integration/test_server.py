@@ -1,10 +1,11 @@
-"""serving.server.process: the real tritonserver from the nvidia-pytriton wheel, serving the tiny classifier.
+"""serving.server.process: the real tritonserver from the nvidia-pytriton wheel, serving the
+tiny classifier.
 
 One shared server for the whole module: readiness, HTTP/gRPC tensor inference on the
-classifier ``MODEL_onnx``, batching, bad requests. Servers started, stopped and killed one per test are in
-tests/test_server_lifecycle.py::
+classifier ``MODEL_onnx``, batching, bad requests. Servers started, stopped and killed one
+per test are in tests/integration/test_server_lifecycle.py::
 
-    python -m pytest tests/test_server.py -q
+    python -m pytest tests/integration/test_server.py -q
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from serving.server.process import TritonServer, port_in_use
-from tests.fixtures.triton import MODEL, _children, _ports, running_server
+from serving.server.network import port_in_use
+from serving.server.process import TritonServer
+from tests.fixtures.triton import MODEL, _children, _ports, server_fixture
 from training.errors import ServingError
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,7 +38,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_path_factory):
+def batching_repository(tiny_classifier_spec, tiny_classifier_onnx, tmp_path_factory) -> Path:
     """One classifier instance with a 20 ms queue delay, so that concurrent requests meet in
     the dynamic batcher (the defaults, no delay and two instances, rarely merge on a model
     this small)."""
@@ -46,8 +48,10 @@ def server(triton_cache_dir, tiny_classifier_spec, tiny_classifier_onnx, tmp_pat
     repo = tmp_path_factory.mktemp("server_repository")
     options = RepositoryOptions(max_queue_delay_us=20_000, instance_count=1)
     write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
-    log = tmp_path_factory.mktemp("triton_logs") / "server.log"
-    yield from running_server(repo, log)
+    return repo
+
+
+server = server_fixture("batching_repository")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def _grpc_infer(client, x, datatype="FP32"):
     return client.infer(CLASSIFIER, [inp], outputs=[out]).as_numpy("probabilities")
 
 
-# -- one shared server ------------------------------------------------------------------------------
+# -- one shared server -----------------------------------------------------------------------
 
 
 def test_ready_and_endpoints(server, http):

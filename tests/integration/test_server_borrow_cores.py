@@ -3,7 +3,7 @@ instances of one ONNX Runtime thread each; a lone request runs on every core, co
 ones on each instance's share, answers are the same either way, and the lock file goes
 with the server::
 
-    python -m pytest tests/test_borrow_cores.py -q
+    python -m pytest tests/integration/test_server_borrow_cores.py -q
 """
 
 from __future__ import annotations

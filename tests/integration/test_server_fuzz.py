@@ -6,7 +6,7 @@ the configured byte limits -- over raw HTTP and gRPC. Every one must be answered
 a client-error code) with a message naming the problem; afterwards the same processes
 still run and answer a good request with the probabilities ONNX Runtime gives here::
 
-    python -m pytest tests/test_fuzz.py -q -s
+    python -m pytest tests/integration/test_server_fuzz.py -q -s
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from serving.repository.layout import write_model_set
 from serving.repository.model_config import RepositoryOptions
 from tests.fixtures.requests import encoded, in_process, infer_bytes
-from tests.fixtures.triton import MODEL, running_server
+from tests.fixtures.triton import MODEL, server_fixture
 from training.images import read_image_bytes
 
 pytestmark = pytest.mark.timeout(240)
@@ -42,12 +42,14 @@ DATATYPES = ["BOOL", "UINT8", "INT8", "INT16", "UINT32", "INT32", "INT64", "FP16
 
 
 @pytest.fixture(scope="module")
-def server(triton_cache_dir, tmp_path_factory, tiny_classifier_spec, tiny_classifier_onnx):
+def fuzz_repository(tmp_path_factory, tiny_classifier_spec, tiny_classifier_onnx) -> Path:
     repo = tmp_path_factory.mktemp("fuzz_repository")
-    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx,
-                    RepositoryOptions(max_image_bytes=MAX_IMAGE))  # fmt: skip
-    log = tmp_path_factory.mktemp("fuzz_logs") / "server.log"
-    yield from running_server(repo, log, max_request_bytes=MAX_REQUEST)
+    options = RepositoryOptions(max_image_bytes=MAX_IMAGE)
+    write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
+    return repo
+
+
+server = server_fixture("fuzz_repository", max_request_bytes=MAX_REQUEST)
 
 
 def tensor(name: str, shape: list, datatype: str, data: object = None, **params) -> dict:
@@ -90,8 +92,8 @@ def random_json(rng: random.Random, depth: int = 0) -> object:
         return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
     if kind == 8:
         return {"name": random_json(rng, depth + 1)}
-    return (None, True, -rng.randrange(1 << 40), rng.random() * 1e6, "x" * rng.randrange(5),
-            2**70, "FP32")[kind]  # fmt: skip
+    leaves = (None, True, -rng.randrange(1 << 40), rng.random() * 1e6, "x" * rng.randrange(5))
+    return (*leaves, 2**70, "FP32")[kind]
 
 
 def http_cases(rng: random.Random, images: dict[str, bytes]):
@@ -137,8 +139,9 @@ def http_cases(rng: random.Random, images: dict[str, bytes]):
         at = rng.randrange(numbers, len(good))
         corrupt = good[:at] + rng.choice([b"{", b"]", b'"', b"\xff", b",,"]) + good[at:]
         yield ONNX, corrupt, {}, ["json"]
-    for text, word in ((b"NaN", "json"), (b"[1, 2]", "object"), (b'"inputs"', "object"),
-                       (b"[" * 5000 + b"]" * 5000, "json"), (b"\xff\xfe", "json")):  # fmt: skip
+    not_objects = [(b"NaN", "json"), (b"[1, 2]", "object"), (b'"inputs"', "object")]
+    not_objects += [(b"[" * 5000 + b"]" * 5000, "json"), (b"\xff\xfe", "json")]
+    for text, word in not_objects:
         yield ONNX, text, {}, [word]
     yield ONNX, body(tensor("input", [1], "FP32", [float("nan")])), {}, ["json"]
     for _ in range(150):  # huge declared shapes (the crash), JSON and binary, every dtype
@@ -181,13 +184,40 @@ def http_cases(rng: random.Random, images: dict[str, bytes]):
         npy += b"{'descr': '|u1', 'fortran_order': False, 'shape': (100000, 100000), }".ljust(117)
         yield MODEL, *binary_images([npy + b"\n" + bytes(64)]), [".npy header declares"]
     for _ in range(300):  # field mutations of bad requests (1023 values, no image): any 4xx
-        request = json.loads(body(tensor("input", [1, 1, 32, 32], "FP32", [0.0] * 1023)) if rng.random() < 0.5 else body(tensor("image", [1, 1], "BYTES", ["x"])))  # fmt: skip
+        if rng.random() < 0.5:
+            request = json.loads(body(tensor("input", [1, 1, 32, 32], "FP32", [0.0] * 1023)))
+        else:
+            request = json.loads(body(tensor("image", [1, 1], "BYTES", ["x"])))
         where = rng.choice(["name", "shape", "datatype", "data", "parameters", "top"])
         if where == "top":
             request[rng.choice(["inputs", "outputs", "id", "parameters"])] = random_json(rng)
         else:
             request["inputs"][0][where] = random_json(rng)
-        yield (ONNX if request["inputs"] and "input" in str(request) else MODEL), json.dumps(request).encode(), {}, []  # fmt: skip
+        model = ONNX if request["inputs"] and "input" in str(request) else MODEL
+        yield model, json.dumps(request).encode(), {}, []
+
+
+def grpc_cases(rng: random.Random, png: bytes) -> list[tuple[str, str, np.ndarray, str, str]]:
+    """(model, input, array, datatype, the word the error must name) for malformed gRPC
+    requests: random and truncated images, images above max_image_bytes, wrong shapes,
+    dtypes, input and model names."""
+
+    def image(data: bytes, word: str = "image[0]") -> tuple[str, str, np.ndarray, str, str]:
+        return MODEL, "image", np.array([[data]], object), "BYTES", word
+
+    cases = [image(rng.randbytes(rng.randrange(1, 999))) for _ in range(60)]
+    cases += [image(cut) for cut in undecodable_truncations(rng, png, 20)]
+    cases += [image(png + bytes(MAX_IMAGE), "max_image_bytes")] * 5
+    shapes = [([1, 1, 16, 16], "input"), ([33, 1, 32, 32], "batch"), ([0, 1, 32, 32], "input")]
+    shapes += [([1, 32, 32], "input")]
+    cases += [(ONNX, "input", np.zeros(s, np.float32), "FP32", w) for s, w in shapes] * 5
+    tensor = np.zeros((1, 1, 32, 32), np.float32)
+    cases += [
+        (ONNX, "input", tensor.astype(np.float64), "FP64", "FP64"),
+        (ONNX, "nope", tensor, "FP32", "nope"),
+        ("no-such-model", "input", tensor, "FP32", "no-such-model"),
+    ] * 10
+    return cases
 
 
 def post(conn: http.client.HTTPConnection, path: str, data: bytes, headers: dict):
@@ -237,12 +267,7 @@ def test_every_malformed_request_is_refused_and_the_server_lives(
 
     client = grpcclient.InferenceServerClient(url=server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_url))
-    grpc_cases = [(MODEL, "image", np.array([[rng.randbytes(rng.randrange(1, 999))]], object), "BYTES", "image[0]") for _ in range(60)]  # fmt: skip
-    grpc_cases += [(MODEL, "image", np.array([[c]], object), "BYTES", "image[0]") for c in undecodable_truncations(rng, images["png"], 20)]  # fmt: skip
-    grpc_cases += [(MODEL, "image", np.array([[images["png"] + bytes(MAX_IMAGE)]], object), "BYTES", "max_image_bytes")] * 5  # fmt: skip
-    grpc_cases += [(ONNX, "input", np.zeros(s, np.float32), "FP32", w) for s, w in (([1, 1, 16, 16], "input"), ([33, 1, 32, 32], "batch"), ([0, 1, 32, 32], "input"), ([1, 32, 32], "input"))] * 5  # fmt: skip
-    grpc_cases += [(ONNX, "input", np.zeros((1, 1, 32, 32), np.float64), "FP64", "FP64"), (ONNX, "nope", np.zeros((1, 1, 32, 32), np.float32), "FP32", "nope"), ("no-such-model", "input", np.zeros((1, 1, 32, 32), np.float32), "FP32", "no-such-model")] * 10  # fmt: skip
-    for model, name, array, datatype, word in grpc_cases:
+    for model, name, array, datatype, word in grpc_cases(rng, images["png"]):
         counts["grpc"] += 1
         inp = grpcclient.InferInput(name, list(array.shape), datatype)
         inp.set_data_from_numpy(array)
@@ -273,7 +298,8 @@ def test_every_malformed_request_is_refused_and_the_server_lives(
     assert sum(counts.values()) >= 2000
     assert server.running() and (server.pid, server.guard_pid) == (pid, guard_pid)
     expected = in_process(tiny_classifier_spec, tiny_classifier_onnx, images["png"])
-    np.testing.assert_allclose(infer_bytes(client, grpcclient, MODEL, [images["png"]])[0], expected, atol=1e-4)  # fmt: skip
+    got = infer_bytes(client, grpcclient, MODEL, [images["png"]])[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     status, payload = post(conn, INFER.format(MODEL), *binary_images([images["png"]]))
     conn.close()

@@ -1,9 +1,9 @@
-"""serving.server.process: tritonserver processes of their own — start failures, stop, the prepared
-server home, dying with the parent, running without an activated venv, serve_foreground.
+"""serving.server.process: tritonserver processes of their own — start failures, stop, the
+prepared server home, dying with the parent, running without an activated venv, serve_foreground.
 
-The tests on one shared, running server are in tests/test_server.py::
+The tests on one shared, running server are in tests/integration/test_server.py::
 
-    python -m pytest tests/test_server_lifecycle.py -q
+    python -m pytest tests/integration/test_server_lifecycle.py -q
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from serving.server.cleanup import CORE_LOCK_PREFIX, remove_stale_core_locks
 from serving.server.home import prepare_server_home
-from serving.server.process import (
-    CORE_LOCK_PREFIX,
-    TritonServer,
-    port_in_use,
-    remove_stale_core_locks,
-)
+from serving.server.network import port_in_use
+from serving.server.process import TritonServer
 from tests.fixtures.triton import MODEL, _children, _ports, _processes
 from training.errors import ConfigError, ServingError
 
@@ -151,7 +148,10 @@ def test_killed_server_leaves_no_shared_memory(
 
 
 def test_prepare_server_home_concurrently(tmp_path):
-    script = "import sys; from serving.server.home import prepare_server_home; print(prepare_server_home(sys.argv[1]))"
+    script = (
+        "import sys; from serving.server.home import prepare_server_home; "
+        "print(prepare_server_home(sys.argv[1]))"
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(tmp_path)],
@@ -191,7 +191,8 @@ def test_server_dies_with_the_process_that_started_it(
         """
         import os, sys
         from pathlib import Path
-        from serving.server.process import TritonServer, find_free_port
+        from serving.server.network import find_free_port
+        from serving.server.process import TritonServer
         server = TritonServer(Path(sys.argv[1]), http_port=find_free_port(),
                               grpc_port=find_free_port(), metrics_port=find_free_port(),
                               log_file=Path(sys.argv[2]))
@@ -223,8 +224,8 @@ def test_server_dies_with_the_process_that_started_it(
 
 
 def test_stale_core_locks_go_and_live_ones_stay(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    getpid = [sys.executable, "-c", "import os; print(os.getpid())"]
+    dead = subprocess.run(getpid, capture_output=True, text=True, check=True)
     stale = tmp_path / f"{CORE_LOCK_PREFIX}{dead.stdout.strip()}-0a1b2c3d"
     live = tmp_path / f"{CORE_LOCK_PREFIX}{os.getpid()}-0a1b2c3d"
     other = tmp_path / "medimg-cores-1234"  # the fallback name outside TritonServer: not ours
@@ -251,7 +252,8 @@ def test_server_works_without_an_activated_venv(triton_cache_dir, tiny_classifie
         from PIL import Image
         import tritonclient.http as httpclient
         from pathlib import Path
-        from serving.server.process import TritonServer, find_free_port, port_in_use
+        from serving.server.network import find_free_port, port_in_use
+        from serving.server.process import TritonServer
 
         ports = dict(http_port=find_free_port(), grpc_port=find_free_port(), metrics_port=find_free_port())
         with TritonServer(Path(sys.argv[1]), **ports) as server:
@@ -293,7 +295,8 @@ def test_server_works_without_an_activated_venv(triton_cache_dir, tiny_classifie
 FOREGROUND = """
 import sys
 from pathlib import Path
-from serving.server.process import TritonServer, find_free_port, serve_foreground
+from serving.server.network import find_free_port
+from serving.server.process import TritonServer, serve_foreground
 
 def ready(server):
     print("READY", server.pid, server.http_port, flush=True)

@@ -4,7 +4,7 @@ request may fail or come back with other probabilities than ONNX Runtime gives h
 the server's memory (RSS of tritonserver, its backend stubs and the HTTP guard) at the end
 may exceed the level after warmup by at most RSS_MARGIN::
 
-    python -m pytest tests/test_load.py -q -s
+    python -m pytest tests/integration/test_server_load.py -q -s
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 
 from serving.server.process import TritonServer
 from tests.fixtures.requests import encoded, in_process, infer_bytes
-from tests.fixtures.triton import MODEL, running_server
+from tests.fixtures.triton import MODEL, server_fixture
 
 pytestmark = pytest.mark.timeout(180)
 CLIENTS = {"http": 4, "grpc": 4}
@@ -28,10 +28,7 @@ WARMUP_S, MEASURE_S = 3.0, 8.0
 RSS_MARGIN = 64 << 20  # bytes the server may grow after warmup (allocator arenas, caches)
 
 
-@pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("load_logs") / "server.log"
-    yield from running_server(tiny_classifier_repository, log)
+server = server_fixture()
 
 
 def server_rss(server: TritonServer) -> int:
@@ -55,7 +52,8 @@ def test_concurrent_clients_see_no_failure_and_memory_stays_flat(
     def client_loop(protocol: str, seed: int) -> None:
         rng = np.random.default_rng(seed)
         if protocol == "http":
-            client, module = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}"), httpclient  # fmt: skip
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+            module = httpclient
         else:
             client, module = grpcclient.InferenceServerClient(server.grpc_url), grpcclient
         try:

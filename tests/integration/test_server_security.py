@@ -1,9 +1,10 @@
 """Where the server listens and what its repository API allows: loopback unless a public
 address is asked for explicitly (``--host`` on the command line, ``allow_public=True``),
 and model load/unload only in ``--model-control-mode explicit``, with the server's
-repository token, while the index, metadata and configs stay readable. Checked against real servers; no public address is bound::
+repository token, while the index, metadata and configs stay readable. Checked against real
+servers; no public address is bound::
 
-    python -m pytest tests/test_server_security.py -q
+    python -m pytest tests/integration/test_server_security.py -q
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving import cli
-from serving.server import http_guard
+from serving.cli.options import server_from_args
 from serving.server import token as repository_token
+from serving.server.config import GUARD_HEADER
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _ports, running_server
+from tests.fixtures.triton import MODEL, _ports, server_fixture
 from training.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,10 +54,7 @@ def request(
         return error.code, error.read()
 
 
-@pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("security_logs") / "server.log"
-    yield from running_server(tiny_classifier_repository, log)
+server = server_fixture()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "example.org", "interface"])
@@ -77,13 +76,15 @@ def test_loopback_hosts_need_nothing(tmp_path, host):
 def test_cli_allows_a_public_host_only_when_given_and_warns(tmp_path, capsys, command):
     parser = cli.build_parser()
     base = [command, "--repository", str(tmp_path)] + (["--dataset", "x"] * (command == "pipeline"))
-    default = cli._server(parser.parse_args(base))
+    default = server_from_args(parser.parse_args(base))
     assert default.host == "127.0.0.1" and default.http_guard
     assert capsys.readouterr().err == ""
-    public = cli._server(parser.parse_args([*base, "--host", "0.0.0.0"]))
+    public = server_from_args(parser.parse_args([*base, "--host", "0.0.0.0"]))
     assert public.host == "0.0.0.0"
     assert "reachable from the network" in capsys.readouterr().err
-    bare = cli._server(parser.parse_args([*base, "--no-http-guard", "--max-request-bytes", "4096"]))
+    bare = server_from_args(
+        parser.parse_args([*base, "--no-http-guard", "--max-request-bytes", "4096"])
+    )
     assert not bare.http_guard and bare.max_request_bytes == 4096
     home = Path("/nonexistent")
     assert "--http-address=127.0.0.1" in bare.command(home)
@@ -111,12 +112,17 @@ def test_every_port_listens_on_loopback_only(server):
 
 def test_repository_control_is_off_by_default_but_reading_works(server):
     for action in ("load", "unload"):
-        status, body = request(f"{server.http_url}/v2/repository/models/{MODEL}/{action}", "POST", b"{}")  # fmt: skip
+        url = f"{server.http_url}/v2/repository/models/{MODEL}/{action}"
+        status, body = request(url, "POST", b"{}")
         assert status == 403, (action, status, body)
         assert "--model-control-mode explicit" in json.loads(body)["error"]
     status, body = request(f"{server.http_url}/v2/repository/index", "POST", b"{}")
     assert status == 200 and {m["name"] for m in json.loads(body)} >= {MODEL, f"{MODEL}_onnx"}
-    for path in (f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/config", f"/v2/models/{MODEL}_onnx/config"):  # fmt: skip
+    for path in (
+        f"/v2/models/{MODEL}",
+        f"/v2/models/{MODEL}/config",
+        f"/v2/models/{MODEL}_onnx/config",
+    ):
         status, body = request(server.http_url + path)
         assert status == 200, (path, body[:200])
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -150,15 +156,17 @@ def test_tritons_own_http_port_answers_only_the_guard(server):
     ):
         status, body = request(private + path, method, data)
         assert 400 <= status < 500, (path, status, body[:300])
-        assert http_guard.GUARD_HEADER in body.decode(), (path, body[:300])
-        wrong = {http_guard.GUARD_HEADER: "not-the-token"}
+        assert GUARD_HEADER in body.decode(), (path, body[:300])
+        wrong = {GUARD_HEADER: "not-the-token"}
         assert 400 <= request(private + path, method, data, wrong)[0] < 500, path
     assert server.pid == pid and server.running()
     assert request(f"{server.http_url}/v2/health/ready")[0] == 200
     assert request(f"{server.http_url}/v2/models/{MODEL}/config")[0] == 200
 
 
-def test_explicit_mode_loads_and_unloads_only_with_the_token(triton_cache_dir, tiny_classifier_repository):  # fmt: skip
+def test_explicit_mode_loads_and_unloads_only_with_the_token(
+    triton_cache_dir, tiny_classifier_repository
+):
     """Load/unload need the server's repository token over HTTP (guard or Triton's private
     port: no bypass) and gRPC; a cross-site form POST cannot carry it; the index stays open
     through the guard; the token file is the owner's only and goes with the server."""
