@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from serving.clients.sync import PROTOCOLS
+from serving.clients.contract import PROTOCOLS
+from serving.server.config import DEFAULT_MAX_REQUEST_BYTES, MODEL_CONTROL_MODES, ServerConfig
+from serving.server.network import is_loopback
+
+if TYPE_CHECKING:
+    from serving.server.process import TritonServer
 
 DEFAULT_REPOSITORY = "model_repository"
 
@@ -25,7 +31,12 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-train-samples", "max_train_samples", int, "subsample the training split (0: all)"),
     ("--val-fraction", "val_fraction", float, "folder/chestxray14 without given splits"),
     ("--test-fraction", "test_fraction", float, "folder/chestxray14 without given splits"),
-    ("--cache-dir", "cache_dir", str, "decoded image cache (default ~/.cache/medimg)"),
+    (
+        "--cache-dir",
+        "cache_dir",
+        str,
+        "decoded image cache (default $MEDIMG_CACHE_DIR/datasets, else ~/.cache/medimg/datasets)",
+    ),
     ("--normalization", "normalization", str, "medmnist | imagenet"),
     ("--recipe", "recipe", str, "preset: medmnist | chexnet (explicit options win)"),
     ("--epochs", "epochs", int, ""),
@@ -95,37 +106,56 @@ def train_config(args: argparse.Namespace):
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
+    """The server's options (``ServerConfig``'s fields), for ``serve`` and ``pipeline``."""
     p.add_argument(
         "--repository",
         default=DEFAULT_REPOSITORY,
         help="Triton model repository (default %(default)s)",
     )
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; any "
-                   "other address exposes the endpoints to the network)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default 127.0.0.1; any other address exposes the endpoints to "
+        "the network)",
+    )
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument(
         "--model-control-mode",
-        choices=("none", "poll", "explicit"),
+        choices=MODEL_CONTROL_MODES,
         default="none",
         help="explicit: load/unload through the repository API (what `medimg publish --url` "
         "uses); none: the repository as it was at start (default)",
     )
-    p.add_argument("--no-http-guard", action="store_true", help="serve Triton's own HTTP "
-                   "directly, without the validating proxy (serving/server/http_guard.py)")  # fmt: skip
-    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                   help="HTTP guard: larger requests are refused (default 64 MiB)")  # fmt: skip
+    p.add_argument(
+        "--no-http-guard",
+        action="store_true",
+        help="serve Triton's own HTTP directly, without the validating proxy "
+        "(serving/server/http_guard.py)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="HTTP guard: larger requests are refused (default 64 MiB)",
+    )
 
 
-def server_from_args(args: argparse.Namespace):
-    from serving.server.process import TritonServer, is_loopback
+def server_from_args(args: argparse.Namespace) -> TritonServer:
+    """The server the options of :func:`add_server_options` describe (not started); warns on
+    stderr when ``--host`` exposes it to the network."""
+    from serving.server.process import TritonServer
 
     host = args.host or "127.0.0.1"  # another address only when --host names it
     if not is_loopback(host):
-        print(f"warning: --host {host}: the HTTP, gRPC and metrics endpoints are reachable "
-              "from the network, without authentication", file=sys.stderr, flush=True)  # fmt: skip
-    return TritonServer(
+        print(
+            f"warning: --host {host}: the HTTP, gRPC and metrics endpoints are reachable "
+            "from the network, without authentication",
+            file=sys.stderr,
+            flush=True,
+        )
+    config = ServerConfig(
         Path(args.repository),
         host=host,
         http_port=args.http_port,
@@ -136,35 +166,64 @@ def server_from_args(args: argparse.Namespace):
         http_guard=not args.no_http_guard,
         max_request_bytes=args.max_request_bytes,
     )
+    return TritonServer(config)
 
 
 def add_repository_options(p: argparse.ArgumentParser) -> None:
     """How exported models batch, place and version (``serving.repository.model_config``)."""
 
     g = p.add_argument_group("model repository")
-    g.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
-                   "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)")  # fmt: skip
+    g.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: ONNX Runtime in the Python backend (embedded server); gpu: "
+        "onnxruntime_onnx + TensorRT accelerator on KIND_GPU (official container)",
+    )
     g.add_argument("--max-batch-size", type=int, default=32)
-    g.add_argument("--preferred-batch-sizes", type=levels_arg, default=None,
-                   help="the classifier's dynamic batching: the sizes the batcher cuts a queue "
-                   "into (default 8; '' for none: batches of whatever is queued)")  # fmt: skip
-    g.add_argument("--max-queue-delay-us", type=int, default=None,
-                   help="the classifier's dynamic batching: how long a batch short of a "
-                   "preferred size may wait for more requests (default 500; NAME_preprocess "
-                   "never waits)")  # fmt: skip
+    g.add_argument(
+        "--preferred-batch-sizes",
+        type=levels_arg,
+        default=None,
+        help="the classifier's dynamic batching: the sizes the batcher cuts a queue "
+        "into (default 8; '' for none: batches of whatever is queued)",
+    )
+    g.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=None,
+        help="the classifier's dynamic batching: how long a batch short of a "
+        "preferred size may wait for more requests (default 500; NAME_preprocess "
+        "never waits)",
+    )
     g.add_argument("--instances", type=int, default=2, help="classifier instances (default 2)")
     g.add_argument("--preprocess-instances", type=int, default=1)
-    g.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per instance (0: cores / instances)")  # fmt: skip
-    g.add_argument("--no-borrow-idle-cores", action="store_true", help="--target cpu: an "
-                   "instance keeps its share of the cores even while the others are idle")  # fmt: skip
+    g.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads per instance (0: cores / instances)",
+    )
+    g.add_argument(
+        "--no-borrow-idle-cores",
+        action="store_true",
+        help="--target cpu: an "
+        "instance keeps its share of the cores even while the others are idle",
+    )
     g.add_argument("--version-policy", default="latest:1", help="latest:N | all | specific:V,..")
-    g.add_argument("--trt-precision", choices=("FP16", "FP32"), default=None,
-                   help="--target gpu: the TensorRT accelerator's precision (default FP16)")  # fmt: skip
+    g.add_argument(
+        "--trt-precision",
+        choices=("FP16", "FP32"),
+        default=None,
+        help="--target gpu: the TensorRT accelerator's precision (default FP16)",
+    )
     g.add_argument("--no-warmup", action="store_true", help="no model_warmup in the configs")
-    g.add_argument("--max-image-bytes", type=int, default=32 << 20, help="NAME_preprocess "
-                   "refuses larger encoded images with INVALID_ARG (default 32 MiB)")  # fmt: skip
+    g.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=32 << 20,
+        help="NAME_preprocess refuses larger encoded images with INVALID_ARG (default 32 MiB)",
+    )
 
 
 def repository_options(args: argparse.Namespace):
@@ -211,18 +270,30 @@ def levels_arg(text: str) -> tuple[int, ...]:
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
     """The options every client command shares, with the same meaning and defaults."""
-    p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, DICOM, .npy), "
-                   "directories, or MedMNIST .npz files")  # fmt: skip
-    p.add_argument("--url", default="",
-                   help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)")  # fmt: skip
+    p.add_argument(
+        "paths",
+        nargs="+",
+        help="image files (PNG, JPEG, DICOM, .npy), directories, or MedMNIST .npz files",
+    )
+    p.add_argument(
+        "--url", default="", help="HOST:PORT (default 127.0.0.1:8000 for http, :8001 for grpc)"
+    )
     p.add_argument("--protocol", choices=PROTOCOLS, default="http")
-    p.add_argument("--model", default="",
-                   help="ensemble name (default: the only ensemble on the server)")  # fmt: skip
-    p.add_argument("--client-preprocess", action="store_true",
-                   help="decode and preprocess here and send tensors (default: send the "
-                   "files' bytes to the server-side preprocessing ensemble)")  # fmt: skip
+    p.add_argument(
+        "--model", default="", help="ensemble name (default: the only ensemble on the server)"
+    )
+    p.add_argument(
+        "--client-preprocess",
+        action="store_true",
+        help="decode and preprocess here and send tensors (default: send the "
+        "files' bytes to the server-side preprocessing ensemble)",
+    )
     p.add_argument("--split", default="", help=".npz inputs: train|val|test (default test)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="images per request (default: the model's max_batch_size)")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="images per request (default: the model's max_batch_size)",
+    )
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight (default 2)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request (default 60)")
