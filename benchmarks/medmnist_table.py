@@ -2,9 +2,12 @@
 
 Trains each data set given (or tunes it first with ``--tune-samples N``) through the
 same code as ``medimg train`` / ``medimg tune``: model chosen on val, test split
-touched once. Writes a markdown table and prints the wall time::
+touched once. Writes a markdown table, ``medmnist_table.md``, into ``--out`` (default
+``bench-results/medmnist-table-TIME``; with ``--record`` also into ``benchmarks/results/``)
+and prints the wall time::
 
-    python benchmarks/medmnist_table.py --data-dir ../shared/data --datasets pneumoniamnist,breastmnist --epochs 10
+    python benchmarks/medmnist_table.py --data-dir ../shared/data \
+        --datasets pneumoniamnist,breastmnist --epochs 10
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+from serving.perf.comparison.output import destinations, run_folder, write_text
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3: test AUC / ACC.
 PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
@@ -133,8 +140,19 @@ def main() -> None:
     p.add_argument("--tune-samples", type=int, default=0, help="tune N trials first (medimg tune)")
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--storage-path", default="ray_results/medmnist_table")
-    p.add_argument("--out", default="benchmarks/results/medmnist_table.md")
+    p.add_argument(
+        "--out",
+        default="",
+        help="folder for medmnist_table.md (default: a new bench-results/medmnist-table-TIME "
+        "under the current directory)",
+    )
+    p.add_argument(
+        "--record", action="store_true", help="also write benchmarks/results/medmnist_table.md"
+    )
     args = p.parse_args()
+    folders = destinations(
+        args.out or run_folder("medmnist-table"), RESULTS_DIR if args.record else None
+    )
 
     started = time.perf_counter()
     results = {d: run_one(d, args) for d in args.datasets.split(",") if d}
@@ -149,11 +167,9 @@ def main() -> None:
         f"- {d}: val AUC {r['val_auc']:.3f}, {r['seconds']:.0f} s" for d, r in results.items()
     )
     text += f"\n{detail}\n\nWall time {wall / 60:.1f} min on this machine.\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    paths = write_text(folders, "medmnist_table.md", text)
     print(text)
-    print(f"written to {out}")
+    print("written to " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ instances do, contending for the caches). Core-milliseconds per image compare th
 
     python benchmarks/serving_cpu_split.py --model-repository model_repository
 
-``served/inprocess >= 0.90`` (``benchmarks/serving.py``) needs a served request to cost at
-most ``cores / (0.9 x in-process best img/s)`` core-ms, load generator included; the
-last lines print that budget beside what the served path spends outside ONNX Runtime.
-Results go to ``benchmarks/results/serving_cpu_split.md`` (or ``--out``).
+``served/inprocess >= 0.90`` (``benchmarks/serving_side_by_side.py``) needs a served request
+to cost at most ``cores / (0.9 x in-process best img/s)`` core-ms, load generator included;
+the last lines print that budget beside what the served path spends outside ONNX Runtime.
+The work is ``serving.perf.comparison.cpu_split``. Results go to ``serving_cpu_split.md`` in
+``--out`` (default ``bench-results/serving-cpu-split-TIME``), and with ``--record`` to
+``benchmarks/results/serving_cpu_split.md`` too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import tempfile
 from pathlib import Path
 
 from serving.perf.accounting import BenchError
-from serving.perf.comparison.cpu_split import run
+from serving.perf.comparison.cpu_split import CpuSplitOptions, run
+from serving.perf.comparison.output import destinations, run_folder, write_text
+from training.errors import MedimgError
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,24 +44,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=6.0, help="per perf_analyzer run")
     p.add_argument("--seconds", type=float, default=1.5, help="per in-process measurement")
     p.add_argument("--perf-analyzer", default="", help="its binary (default: found/fetched)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving_cpu_split.md"))
+    p.add_argument(
+        "--out",
+        default="",
+        help="folder for serving_cpu_split.md (default: a new "
+        "bench-results/serving-cpu-split-TIME under the current directory)",
+    )
+    p.add_argument(
+        "--record", action="store_true", help="also write benchmarks/results/serving_cpu_split.md"
+    )
     args = p.parse_args(argv)
     if args.rounds < 1 or args.concurrency < 1 or args.duration_s <= 0 or args.seconds <= 0:
         p.error("--rounds and --concurrency must be >= 1, --duration-s and --seconds > 0")
+    args.out = args.out or str(run_folder("serving-cpu-split"))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.errors import MedimgError
-
-    with tempfile.TemporaryDirectory(prefix="medimg-cpu-split-") as tmp:
-        try:
-            lines = run(args, Path(tmp))
-        except (BenchError, MedimgError) as exc:
-            print(f"serving CPU split: {exc}", file=sys.stderr)
-            return 2
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    try:
+        folders = destinations(args.out, RESULTS_DIR if args.record else None)
+        with tempfile.TemporaryDirectory(prefix="medimg-cpu-split-") as tmp:
+            options = CpuSplitOptions(
+                model_repository=args.model_repository,
+                model=args.model,
+                rounds=args.rounds,
+                concurrency=args.concurrency,
+                duration_s=args.duration_s,
+                seconds=args.seconds,
+                perf_analyzer=args.perf_analyzer,
+            )
+            lines = run(options, Path(tmp))
+    except (BenchError, MedimgError) as exc:
+        print(f"serving CPU split: {exc}", file=sys.stderr)
+        return 2
+    paths = write_text(folders, "serving_cpu_split.md", "\n".join(lines) + "\n")
+    print("written to " + ", ".join(map(str, paths)))
     print("\n".join(lines))
     return 0
 

@@ -1,5 +1,5 @@
-"""Tuning evidence for ``benchmarks/serving.py``: the served path under several Triton
-repository settings, side by side in one run, each against in-process ONNX Runtime
+"""Tuning evidence for ``benchmarks/serving_side_by_side.py``: the served path under several
+Triton repository settings, side by side in one run, each against in-process ONNX Runtime
 measured right before it.
 
 Every configuration gets its own repository (same ONNX file) and its own tritonserver,
@@ -8,7 +8,10 @@ robin over them: in-process best batch, Triton at concurrency N, in-process batc
 latency, Triton at concurrency 1. The ratios are the medians over passes. A
 configuration named ``...+nospin`` serves through a copy of the Python backend with
 ONNX Runtime's intra-op spin-waiting off (``session.intra_op.allow_spinning=0``): an
-experiment on a temporary copy, not a change to ``serving/triton_backend/model.py``::
+experiment on a temporary copy, not a change to ``serving/triton_backend/model.py``.
+The configurations and the sweep are ``serving.perf.comparison.sweep``. The table goes to
+``serving_sweep.md`` in ``--out`` (default ``bench-results/serving-sweep-TIME``), and with
+``--record`` to ``benchmarks/results/serving_sweep.md`` too::
 
     python benchmarks/serving_sweep.py --data-dir ../shared/data --model-repository model_repository
 """
@@ -16,204 +19,61 @@ experiment on a temporary copy, not a change to ``serving/triton_backend/model.p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from serving.perf.accounting import BenchError
+from serving.perf.comparison.output import destinations, run_folder, write_text
+from serving.perf.comparison.sweep import SweepOptions, run_sweep
+from training.errors import MedimgError
 
-from serving.perf.accounting import BenchError, measured
-from serving.perf.comparison.model import prepare
-from serving.perf.comparison.paths import (
-    inprocess_best,
-    inprocess_latency,
-    inprocess_parallel,
-    inprocess_sweep,
-    ort_session,
-    triton_level,
-    triton_server,
-)
-
-HERE = Path(__file__).resolve().parent
-SPIN_OFF = (
-    "    options.inter_op_num_threads = 1\n",
-    "    options.inter_op_num_threads = 1\n"
-    '    options.add_session_config_entry("session.intra_op.allow_spinning", "0")\n',
-)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-@dataclass(frozen=True)
-class Config:
-    name: str
-    delay_us: int = 0
-    preferred: tuple[int, ...] = ()
-    instances: int = 1
-    intra: int = 0
-    protocol: str = "grpc"
-    nospin: bool = False
-    borrow: bool = False  # borrow_idle_cores (serving/triton_backend/model.py)
-
-
-CONFIGS = (
-    Config("project default (5000us, 8/16/32)", 5000, (8, 16, 32)),
-    Config("delay 0", 0),
-    Config("delay 100", 100),
-    Config("delay 500", 500),
-    Config("delay 1000", 1000),
-    Config("delay 2000, pref 16", 2000, (16,)),
-    Config("delay 0, 2 inst x intra 1", 0, instances=2, intra=1),
-    Config("delay 100, 2 inst x intra 1", 100, instances=2, intra=1),
-    Config("delay 500, 2 inst x intra 1", 500, instances=2, intra=1),
-    Config("delay 0, 2 inst x intra 2", 0, instances=2, intra=2),
-    Config("delay 0, http", 0, protocol="http"),
-    Config("delay 0, 2 inst x intra 1, http", 0, instances=2, intra=1, protocol="http"),
-    Config("delay 0 +nospin", 0, nospin=True),
-    Config("delay 0, 2 inst x intra 1 +nospin", 0, instances=2, intra=1, nospin=True),
-    Config("delay 250, pref 8, 2 inst x intra 1", 250, (8,), instances=2, intra=1),
-    Config("delay 500, pref 8, 2 inst x intra 1", 500, (8,), instances=2, intra=1),
-    Config("delay 1000, pref 8, 2 inst x intra 1", 1000, (8,), instances=2, intra=1),
-    Config("delay 500, pref 8, 2 inst x intra 1 +borrow", 500, (8,), 2, 1, borrow=True),
-)
-
-
-def load_bench():
-    """``benchmarks/serving.py`` (for its ``parse_args``) as a module under another name (its
-    own would hide the serving package), then that package unshadowed."""
-    spec = importlib.util.spec_from_file_location("serving_bench", HERE / "serving_side_by_side.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serving_bench"] = module
-    spec.loader.exec_module(module)
-    module.unshadow_serving_package()
-    return module
-
-
-def write_repository(prepared, config: Config, root: Path) -> Path:
-    """A repository of ``prepared``'s model with ``config``'s batching and instances."""
-    from serving.repository.layout import RepositoryOptions, write_model_set
-
-    options = RepositoryOptions(
-        max_batch_size=32,
-        preferred_batch_sizes=config.preferred,
-        max_queue_delay_us=config.delay_us,
-        instance_count=config.instances,
-        intra_op_threads=config.intra,
-        borrow_idle_cores=config.borrow,
-    )
-    repository = Path(tempfile.mkdtemp(dir=root, prefix="repo-"))
-    models = write_model_set(repository, prepared.spec, prepared.onnx_path, options)
-    if config.nospin:
-        backend = models.classifier / str(models.version) / "model.py"
-        text = backend.read_text()
-        if SPIN_OFF[0] not in text:
-            raise BenchError(f"{backend}: cannot find where to turn spinning off")
-        backend.write_text(text.replace(*SPIN_OFF, 1))
-    return repository
-
-
-def measure(sessions, images, best, url, model, args, config) -> dict:
-    args.protocol = config.protocol
-    session, singles = sessions
-    a = measured(inprocess_best, session, images, best, args.sweep_s)
-    ap = measured(inprocess_parallel, singles, images, best, args.sweep_s)
-    b = measured(triton_level, url, model, args, args.concurrency)
-    a1 = measured(inprocess_latency, session, images, args.latency_runs)
-    b1 = measured(triton_level, url, model, args, 1)
-    return {
-        "served/inprocess": b.throughput / a.throughput,
-        "served/parallel": b.throughput / ap.throughput,
-        "p99c1/inprocess_b1": b1.p99_ms / a1.p99_ms,
-        "served": b.throughput,
-        "inprocess": a.throughput,
-        "c1_p99": b1.p99_ms,
-        "b1_p99": a1.p99_ms,
-        "avg_batch": b.extra.get("avg_batch", 0.0),
-        "failed": b.failed + b1.failed,
-        "others_cpu": max(r.others_cpu for r in (a, ap, b, a1, b1)),
-    }
-
-
-def main() -> int:
-    bench = load_bench()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--model-repository", required=True, help="source of the ONNX model")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=4.0)
     parser.add_argument("--only", default="", help="comma-separated config indices")
-    parser.add_argument("--quiet-cpu", type=float, default=0.2, help="see serving.py")
-    parser.add_argument("--out", default=str(HERE / "results" / "serving_sweep.md"))
-    ours = parser.parse_args()
-    args = bench.parse_args(
-        ["--data-dir", ours.data_dir, "--model-repository", ours.model_repository]
+    parser.add_argument("--quiet-cpu", type=float, default=0.2, help="see serving_side_by_side.py")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="folder for serving_sweep.md (default: a new bench-results/serving-sweep-TIME "
+        "under the current directory)",
     )
-    args.duration_s, args.warmup_s, args.sweep_s, args.latency_runs = ours.duration_s, 1, 2, 300
-    configs = [c for i, c in enumerate(CONFIGS) if not ours.only or str(i) in ours.only.split(",")]
-    with tempfile.TemporaryDirectory(prefix="medimg-serving-sweep-") as tmp:
-        prepared, images = prepare(args, Path(tmp))
-        session = ort_session(prepared.onnx_path)
-        singles = [ort_session(prepared.onnx_path, 1) for _ in range(2)]
-        sweep = inprocess_sweep(session, images, (8, 16, 32, 64), 2.0)
-        best = max(sweep, key=lambda r: r.throughput).batch_size
-        results: dict[str, list[dict]] = {c.name: [] for c in configs}
-        with contextlib.ExitStack() as stack:
-            urls = {
-                c.name: stack.enter_context(
-                    triton_server(write_repository(prepared, c, Path(tmp)), c.protocol)
-                )
-                for c in configs
-            }
-            for p in range(1, ours.passes + 1):
-                for c in configs:
-                    r = measure(
-                        (session, singles),
-                        images,
-                        best,
-                        urls[c.name],
-                        prepared.classifier,
-                        args,
-                        c,
-                    )
-                    results[c.name].append(r)
-                    print(f"pass {p} {c.name:<36} " + " ".join(
-                        f"{k}={v:.2f}" for k, v in r.items()), flush=True)  # fmt: skip
-    lines = report(results, ours, best)
+    parser.add_argument(
+        "--record", action="store_true", help="also write benchmarks/results/serving_sweep.md"
+    )
+    args = parser.parse_args(argv)
+    args.out = args.out or str(run_folder("serving-sweep"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        folders = destinations(args.out, RESULTS_DIR if args.record else None)
+        with tempfile.TemporaryDirectory(prefix="medimg-serving-sweep-") as tmp:
+            ours = SweepOptions(
+                model_repository=args.model_repository,
+                data_dir=args.data_dir,
+                passes=args.passes,
+                duration_s=args.duration_s,
+                only=args.only,
+                quiet_cpu=args.quiet_cpu,
+            )
+            lines = run_sweep(ours, Path(tmp))
+    except (BenchError, MedimgError) as exc:
+        print(f"serving sweep: {exc}", file=sys.stderr)
+        return 2
+    paths = write_text(folders, "serving_sweep.md", "\n".join(lines) + "\n")
+    print("written to " + ", ".join(map(str, paths)))
     print("\n".join(lines))
-    Path(ours.out).write_text("\n".join(lines) + "\n")
     return 0
-
-
-def report(results: dict[str, list[dict]], ours: argparse.Namespace, best: int) -> list[str]:
-    lines = [
-        f"# benchmarks/serving_sweep.py — {time.strftime('%Y-%m-%d %H:%M')}",
-        "",
-        f"Medians over {ours.passes} passes of {ours.duration_s:.0f} s per level; in-process "
-        f"ONNX Runtime at batch {best} (one 2-thread session; and 'parallel': two 1-thread "
-        "sessions side by side) measured right before each configuration. "
-        "Single-image requests to NAME_onnx; concurrency 16 for throughput, 1 for p99. "
-        f"Medians over the passes in which other users' processes took <= {ours.quiet_cpu} "
-        "cores during every measurement (all passes when none was that quiet); others' CPU "
-        "is the median of the per-pass maxima.",
-        "",
-        "| configuration | served/inprocess | served/parallel | served img/s | in-process img/s | "
-        "avg batch | p99 c1 / in-process b1 | c1 p99 ms | failed | quiet passes | others' CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, every in results.items():
-        runs = [r for r in every if r["others_cpu"] <= ours.quiet_cpu] or every
-        med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-        fails = int(sum(r["failed"] for r in every))
-        lines.append(
-            f"| {name} | {med['served/inprocess']:.2f} | {med['served/parallel']:.2f} | "
-            f"{med['served']:.0f} | "
-            f"{med['inprocess']:.0f} | {med['avg_batch']:.1f} | {med['p99c1/inprocess_b1']:.2f} | "
-            f"{med['c1_p99']:.1f} | {fails} | {len(runs) if runs is not every else 0}"
-            f"/{len(every)} | {med['others_cpu']:.2f} |"
-        )
-    return lines
 
 
 if __name__ == "__main__":

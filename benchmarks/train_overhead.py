@@ -7,7 +7,8 @@ Prints the ratio of Ray's per-epoch training time to the plain loop's (target â‰
 Ray's fixed start-up cost is reported separately) and the input/step throughput ratio
 (target â‰¥ 3)::
 
-    python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 --max-train-samples 1024
+    python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 \
+        --max-train-samples 1024
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def plain_epochs(cfg: TrainConfig) -> list[float]:
         schedule.step(0.0)
         times.append(stats.seconds)
         print(
-            f"plain  epoch {epoch}: {stats.seconds:.1f} s ({stats.images / stats.seconds:.0f} img/s)"
+            f"plain  epoch {epoch}: {stats.seconds:.1f} s "
+            f"({stats.images / stats.seconds:.0f} img/s)"
         )
     return times
 
@@ -139,10 +141,12 @@ def main() -> None:
     ratio = sum(ray_times[skip:]) / sum(plain[skip:])
     fixed = wall - sum(ray_times)
     print(
-        f"ray/plain epoch time: {ratio:.3f} (target <= 1.05); Ray start-up and evaluation outside the epochs: {fixed:.0f} s"
+        f"ray/plain epoch time: {ratio:.3f} (target <= 1.05); Ray start-up and evaluation "
+        f"outside the epochs: {fixed:.0f} s"
     )
     print(
-        f"input pipeline {input_rate:.0f} img/s, training step {step_rate:.0f} img/s: ratio {input_rate / step_rate:.1f} (target >= 3)"
+        f"input pipeline {input_rate:.0f} img/s, training step {step_rate:.0f} img/s: "
+        f"ratio {input_rate / step_rate:.1f} (target >= 3)"
     )
 
 

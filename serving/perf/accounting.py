@@ -1,6 +1,11 @@
-"""What every part of ``benchmarks/serving.py`` shares: the error a user can act on, the
-measured row, and the accounting of the CPU other people's processes took during a
-measurement (read from /proc: the machine's busy time minus this benchmark's process tree).
+"""What every part of the serving benchmarks (``serving.perf.comparison``) shares: the error
+a user can act on, the measured row, and the accounting of the CPU other people's processes
+took during a measurement (read from /proc: the machine's busy time minus this benchmark's
+process tree)::
+
+    python -c "from serving.perf.accounting import others_cpu; import time
+with others_cpu() as cores: time.sleep(1)
+print(cores)"
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ size, and the CPU this process -- the load generator -- spent per request (on a 
 it shares with the server, CPU the server did not get). Results go to a CSV and a PNG
 latency-throughput curve::
 
-    medimg bench --model pneumoniamnist-densenet121 --protocol grpc --concurrency 1,4,16 --duration-s 5
-    medimg bench --model pneumoniamnist-densenet121_onnx --input ../shared/data/samples/00000001_000.png
+    medimg bench --model pneumoniamnist-densenet121 --protocol grpc --concurrency 1,4,16 \
+        --duration-s 5
+    medimg bench --model pneumoniamnist-densenet121_onnx \
+        --input ../shared/data/samples/00000001_000.png
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.clients.aio import AsyncTritonClassifier
+from serving.clients.contract import bytes_batch
 from serving.clients.inputs import png_bytes
 from serving.clients.shm import SharedMemorySlots
-from serving.clients.sync import bytes_batch
 from training.errors import ConfigError, ServingError
 from training.images import read_image
 from training.spec import ModelSpec
@@ -165,7 +167,7 @@ async def _models_of(client: AsyncTritonClassifier, model: str) -> list[str]:
 
 async def run_levels(opts: BenchOptions, on_level=None) -> list[LevelResult]:
     async with AsyncTritonClassifier(opts.url, opts.protocol, opts.model, opts.timeout_s) as c:
-        contract = c._contract
+        contract = c.contract
         if opts.batch_size > contract.max_batch_size:
             raise ConfigError(
                 f"--batch-size {opts.batch_size}: model {contract.model!r} takes at most "
@@ -255,8 +257,13 @@ def plot_curve(results: list[LevelResult], path: Path, title: str) -> Path:
     for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
         ax.plot(x, [getattr(r, key) for r in results], style, label=key.replace("_ms", ""))
     for r in results:
-        ax.annotate(f"c={r.concurrency}", (r.throughput, r.p99_ms), fontsize=7,
-                    textcoords="offset points", xytext=(3, 3))  # fmt: skip
+        ax.annotate(
+            f"c={r.concurrency}",
+            (r.throughput, r.p99_ms),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(3, 3),
+        )
     ax.set(xlabel="throughput (inferences/s)", ylabel="latency (ms)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -265,9 +272,3 @@ def plot_curve(results: list[LevelResult], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-
-
-
-

@@ -1,4 +1,5 @@
-"""perf_analyzer, NVIDIA's load generator for Triton, as the load of (b) in ``serving.py``.
+"""perf_analyzer, NVIDIA's load generator for Triton, as the load of (b) in the side-by-side
+serving benchmark (``benchmarks/serving_side_by_side.py``).
 
 The ``tritonclient`` wheels of releases 2.2x-2.6x carry a ``perf_analyzer`` binary
 (``tritonclient-V.data/data/bin/perf_analyzer``). 2.48.0 is a release whose binary runs on
@@ -111,6 +112,7 @@ def _fetch(home: Path) -> None:
 
 def locate(explicit: str = "", cache: Path | None = None) -> PerfAnalyzer:
     """A runnable perf_analyzer (see the module docstring for the order of places)."""
+    found: PerfAnalyzer | None
     if explicit:
         path = Path(explicit)
         if not os.access(path, os.X_OK):
@@ -150,7 +152,7 @@ def write_input(images: np.ndarray, input_name: str, path: Path) -> Path:
     return path
 
 
-def _latencies_ms(profile: Path) -> list[float]:
+def latencies_ms(profile: Path) -> list[float]:
     """Every request's latency from perf_analyzer's profile export (nanosecond stamps).
 
     Not parsed as JSON: the export writes the raw output bytes into its strings, so it is
@@ -199,11 +201,26 @@ def pa_level(
     window_ms = max(500, int(args.duration_s * 1000 / 3))
     with tempfile.TemporaryDirectory(prefix="medimg-pa-") as tmp:
         report, profile = Path(tmp) / "pa.csv", Path(tmp) / "profile.json"
-        cmd = [str(pa.binary), "-m", model, "-u", url, "-i", args.protocol, "-b", "1",
-               f"--concurrency-range={concurrency}", "--measurement-mode=time_windows",
-               f"--measurement-interval={window_ms}", "--stability-percentage=999",
-               "--max-trials=3", f"--input-data={input_json}", "-f", str(report),
-               f"--profile-export-file={profile}"]  # fmt: skip
+        cmd = [
+            str(pa.binary),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            args.protocol,
+            "-b",
+            "1",
+            f"--concurrency-range={concurrency}",
+            "--measurement-mode=time_windows",
+            f"--measurement-interval={window_ms}",
+            "--stability-percentage=999",
+            "--max-trials=3",
+            f"--input-data={input_json}",
+            "-f",
+            str(report),
+            f"--profile-export-file={profile}",
+        ]
         if args.shared_memory != "none":  # tensors through shared memory, not the socket
             cmd.append(f"--shared-memory={args.shared_memory}")
         before = _batch_counts(url, args.protocol, model)
@@ -218,7 +235,7 @@ def pa_level(
             )
         with open(report, newline="") as fh:
             row = next(csv.DictReader(fh))
-        samples = _latencies_ms(profile)
+        samples = latencies_ms(profile)
     if not samples:
         raise BenchError(f"perf_analyzer answered no request of {model} at {url}")
     spent = (cpu_after.ru_utime - cpu.ru_utime) + (cpu_after.ru_stime - cpu.ru_stime)

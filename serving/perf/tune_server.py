@@ -2,19 +2,20 @@
 config (the Model Analyzer idea, for the embedded CPU server).
 
 Knobs: the classifier's dynamic batcher (``max_queue_delay_microseconds``, preferred
-batch sizes; ``NAME_preprocess`` keeps its own, as exported: no delay), classifier and preprocess instance counts, and ONNX Runtime's intra-op
-threads. The sweep is coordinate descent: one knob at a time over its values, the
-others held at the best so far, starting from the repository's current config. A delay and a
-preferred size pay together (the size caps each batch, so a queue splits evenly among the
-instances; the delay lets a short batch wait for it), and coordinate descent moves one knob
-at a time: start from the export defaults, which hold such a pair. Each
-trial serves a copy of the model set (configs rewritten, version folders linked, not
-copied) on free loopback ports and runs ``medimg bench`` at the given concurrency
-levels; the score is the throughput at the highest level, among trials whose p99 at
-the lowest level fits ``--p99-budget-ms`` (while none fits, the descent follows the
-lower p99, and the error names the closest configuration). The winner is written into
-the repository only if it beats the current config by ``--min-gain``; the old configs
-are kept as ``config.pbtxt.before-tune``::
+batch sizes; ``NAME_preprocess`` keeps its own, as exported: no delay), classifier and
+preprocess instance counts, and ONNX Runtime's intra-op threads, read from the repository
+with :func:`serving.repository.model_config.options_from_config`. The sweep is coordinate
+descent: one knob at a time over its values, the others held at the best so far, starting
+from the repository's current config. A delay and a preferred size pay together (the size
+caps each batch, so a queue splits evenly among the instances; the delay lets a short batch
+wait for it), and coordinate descent moves one knob at a time: start from the export
+defaults, which hold such a pair. Each trial serves a copy of the model set (configs
+rewritten, version folders linked, not copied) on free loopback ports and runs ``medimg
+bench`` at the given concurrency levels; the score is the throughput at the highest level,
+among trials whose p99 at the lowest level fits ``--p99-budget-ms`` (while none fits, the
+descent follows the lower p99, and the error names the closest configuration). The winner
+is written into the repository only if it beats the current config by ``--min-gain``; the
+old configs are kept as ``config.pbtxt.before-tune``::
 
     medimg tune-server --model pneumoniamnist-densenet121 --concurrency 1,16 --p99-budget-ms 15
 """
@@ -28,10 +29,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tritonclient.grpc import model_config_pb2
+
 from serving.perf.bench import BenchOptions, LevelResult, run_bench
-from serving.repository.layout import CONFIG_FILE, read_config, spec_from_config, write_config
-from serving.repository.model_config import classifier_name, preprocess_name
-from serving.server.process import TritonServer, find_free_port
+from serving.repository.layout import (
+    CONFIG_FILE,
+    ModelSet,
+    next_version,
+    read_config,
+    spec_from_config,
+    write_config,
+)
+from serving.repository.model_config import (
+    RepositoryOptions,
+    classifier_name,
+    options_from_config,
+    preprocess_name,
+)
+from serving.server.network import find_free_port
+from serving.server.process import TritonServer
 from training.errors import ConfigError, ServingError
 
 
@@ -42,6 +58,17 @@ class Knobs:
     instances: int
     preprocess_instances: int
     intra_op_threads: int
+
+    @classmethod
+    def from_options(cls, options: RepositoryOptions) -> Knobs:
+        """The knobs' values among a repository's options (:func:`options_from_config`)."""
+        return cls(
+            max_queue_delay_us=options.max_queue_delay_us,
+            preferred_batch_sizes=options.preferred_batch_sizes,
+            instances=options.instance_count,
+            preprocess_instances=options.preprocess_instance_count,
+            intra_op_threads=options.intra_op_threads,
+        )
 
     def label(self) -> str:
         sizes = ",".join(map(str, self.preferred_batch_sizes)) or "-"
@@ -90,37 +117,37 @@ def rank(trial: Trial) -> tuple[int, float]:
     return 1, -trial.p99_low_ms
 
 
-def current_knobs(repository: Path, model: str) -> tuple[Knobs, list[str]]:
-    """The knobs of ``model``'s set as the repository holds them, and the set's models."""
+def current_knobs(repository: Path, model: str) -> tuple[Knobs, ModelSet]:
+    """The knobs of ``model``'s set as the repository holds them, and the set's models
+    (``version``: the classifier's latest)."""
     ensemble = read_config(repository / model)
     spec = spec_from_config(ensemble)
-    classifier, pre = classifier_name(spec), preprocess_name(spec)
     if ensemble.platform != "ensemble":
         raise ConfigError(f"{repository / model}: not a medimg ensemble (pass its NAME)")
-    cls = read_config(repository / classifier)
+    classifier = repository / classifier_name(spec)
+    models = ModelSet(
+        ensemble=repository / model,
+        classifier=classifier,
+        preprocess=repository / preprocess_name(spec),
+        version=next_version(classifier) - 1,
+    )
+    cls = read_config(models.classifier)
     if cls.backend != "python":
         raise ConfigError(
-            f"{repository / classifier}: tune-server tunes the embedded CPU server's Python "
+            f"{models.classifier}: tune-server tunes the embedded CPU server's Python "
             f"backend; this config is {cls.platform or cls.backend!r} (exported with --target gpu)"
         )
-    knobs = Knobs(
-        max_queue_delay_us=cls.dynamic_batching.max_queue_delay_microseconds,
-        preferred_batch_sizes=tuple(cls.dynamic_batching.preferred_batch_size),
-        instances=sum(g.count or 1 for g in cls.instance_group) or 1,
-        preprocess_instances=sum(g.count or 1 for g in read_config(repository / pre).instance_group)
-        or 1,
-        intra_op_threads=int(cls.parameters["intra_op_threads"].string_value or 0),
-    )
-    return knobs, [model, pre, classifier]
+    options = options_from_config(cls, read_config(models.preprocess))
+    return Knobs.from_options(options), models
 
 
-def apply_knobs(repository: Path, models: list[str], knobs: Knobs) -> dict[str, object]:
-    """The set's configs with ``knobs`` applied (protobuf objects, not yet written)."""
-    _, pre, classifier = models
+def apply_knobs(models: ModelSet, knobs: Knobs) -> dict[Path, model_config_pb2.ModelConfig]:
+    """The set's configs with ``knobs`` applied, by model directory (not yet written)."""
     configs = {}
-    for name in (pre, classifier):
-        config = read_config(repository / name)
-        if name == classifier:
+    for model_dir in (models.preprocess, models.classifier):
+        config = read_config(model_dir)
+        is_classifier = model_dir == models.classifier
+        if is_classifier:
             batching = config.dynamic_batching
             batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
             del batching.preferred_batch_size[:]
@@ -129,32 +156,33 @@ def apply_knobs(repository: Path, models: list[str], knobs: Knobs) -> dict[str, 
             )
         del config.instance_group[1:]
         config.instance_group[0].count = (
-            knobs.instances if name == classifier else knobs.preprocess_instances
+            knobs.instances if is_classifier else knobs.preprocess_instances
         )
-        if name == classifier:
+        if is_classifier:
             config.parameters["intra_op_threads"].string_value = str(knobs.intra_op_threads)
-        configs[name] = config
+        configs[model_dir] = config
     return configs
 
 
-def trial_repository(repository: Path, models: list[str], knobs: Knobs, dest: Path) -> Path:
+def trial_repository(models: ModelSet, knobs: Knobs, dest: Path) -> Path:
     """A copy of the model set under ``dest``: new configs, everything else linked."""
-    configs = apply_knobs(repository, models, knobs)
-    for name in models:
-        (dest / name).mkdir(parents=True)
-        for entry in (repository / name).iterdir():
+    configs = apply_knobs(models, knobs)
+    for source in (models.ensemble, models.preprocess, models.classifier):
+        target = dest / source.name
+        target.mkdir(parents=True)
+        for entry in source.iterdir():
             if entry.name != CONFIG_FILE and not entry.name.startswith("."):
-                (dest / name / entry.name).symlink_to(entry.resolve())
-        if name in configs:
-            write_config(dest / name, configs[name])
+                (target / entry.name).symlink_to(entry.resolve())
+        if source in configs:
+            write_config(target, configs[source])
         else:
-            shutil.copy2(repository / name / CONFIG_FILE, dest / name / CONFIG_FILE)
+            shutil.copy2(source / CONFIG_FILE, target / CONFIG_FILE)
     return dest
 
 
-def measure(repository: Path, models: list[str], knobs: Knobs, bench: BenchOptions) -> list:
+def measure(models: ModelSet, knobs: Knobs, bench: BenchOptions) -> list[LevelResult]:
     with tempfile.TemporaryDirectory(prefix="medimg-tune-server-") as tmp:
-        repo = trial_repository(repository, models, knobs, Path(tmp) / "repository")
+        repo = trial_repository(models, knobs, Path(tmp) / "repository")
         ports = {"http_port": find_free_port(), "grpc_port": find_free_port()}
         ports["metrics_port"] = find_free_port()
         with TritonServer(repo, **ports) as server:
@@ -186,7 +214,7 @@ def sweep(
 
     def run(knobs: Knobs) -> Trial:
         if knobs not in seen:
-            results = measure(repository, models, knobs, bench)
+            results = measure(models, knobs, bench)
             by_level = {r.concurrency: r for r in results}
             failed = sum(r.failed for r in results)
             p99 = by_level[low].p99_ms
@@ -214,21 +242,24 @@ def write_best(repository: Path, model: str, knobs: Knobs) -> list[Path]:
     """Write ``knobs`` into the set's configs; keep the old ones as config.pbtxt.before-tune."""
     _, models = current_knobs(repository, model)
     written = []
-    for name, config in apply_knobs(repository, models, knobs).items():
-        shutil.copy2(
-            repository / name / CONFIG_FILE, repository / name / "config.pbtxt.before-tune"
-        )
-        written.append(write_config(repository / name, config))
+    for model_dir, config in apply_knobs(models, knobs).items():
+        shutil.copy2(model_dir / CONFIG_FILE, model_dir / "config.pbtxt.before-tune")
+        written.append(write_config(model_dir, config))
     return written
 
 
 def trial_rows(trials: list[Trial]) -> list[dict[str, object]]:
     rows = []
     for t in trials:
-        row = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v
-               for k, v in asdict(t.knobs).items()}  # fmt: skip
-        row.update(throughput=round(t.throughput, 1), p99_low_ms=round(t.p99_low_ms, 2),
-                   feasible=t.feasible)  # fmt: skip
+        row = {
+            k: ",".join(map(str, v)) if isinstance(v, tuple) else v
+            for k, v in asdict(t.knobs).items()
+        }
+        row.update(
+            throughput=round(t.throughput, 1),
+            p99_low_ms=round(t.p99_low_ms, 2),
+            feasible=t.feasible,
+        )
         rows.append(row)
     return rows
 
@@ -248,7 +279,3 @@ def check_result(best: Trial, baseline: Trial, min_gain: float) -> bool:
     if best.knobs == baseline.knobs:
         return False
     return not baseline.feasible or best.throughput >= baseline.throughput * (1 + min_gain)
-
-
-
-

@@ -128,6 +128,65 @@ def parse_version_policy(text: str) -> pb.ModelVersionPolicy:
     return policy
 
 
+def version_policy_text(policy: pb.ModelVersionPolicy) -> str:
+    """The ``version_policy`` option a ``ModelVersionPolicy`` was made from (the inverse of
+    :func:`parse_version_policy`; Triton's default, no policy set, is ``latest:1``)."""
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return "all"
+    if kind == "specific":
+        return "specific:" + ",".join(map(str, policy.specific.versions))
+    return f"latest:{policy.latest.num_versions or 1}"
+
+
+def options_from_config(
+    classifier: pb.ModelConfig, preprocess: pb.ModelConfig | None = None
+) -> RepositoryOptions:
+    """The :class:`RepositoryOptions` a classifier's config (``NAME_onnx`` or ``NAME_trt``)
+    and, when given, its ``NAME_preprocess`` config hold: the inverse of
+    :func:`classifier_config` and :func:`preprocess_config`, for everything that reads a
+    repository back (``medimg tune-server``, the serving benchmarks). What a config does
+    not record keeps its default: the preprocess options without ``preprocess``,
+    ``borrow_idle_cores`` and ``trt_precision`` where the target has no such setting."""
+    try:
+        return RepositoryOptions(**_option_values(classifier, preprocess))
+    except (ConfigError, ValueError) as exc:  # a hand-edited config: name the model
+        raise ConfigError(f"model config {classifier.name or '?'}: {exc}") from exc
+
+
+def _option_values(classifier: pb.ModelConfig, preprocess: pb.ModelConfig | None) -> dict:
+    params = {key: value.string_value for key, value in classifier.parameters.items()}
+    gpu = classifier.backend != "python"
+    values: dict = {
+        "target": "gpu" if gpu else "cpu",
+        "max_batch_size": classifier.max_batch_size,
+        "preferred_batch_sizes": tuple(classifier.dynamic_batching.preferred_batch_size),
+        "max_queue_delay_us": classifier.dynamic_batching.max_queue_delay_microseconds,
+        "instance_count": sum(g.count or 1 for g in classifier.instance_group) or 1,
+        "intra_op_threads": int(
+            params.get("intra_op_thread_count" if gpu else "intra_op_threads") or 0
+        ),
+        "version_policy": version_policy_text(classifier.version_policy),
+        "warmup": len(classifier.model_warmup) > 0,
+    }
+    if not gpu:
+        values["borrow_idle_cores"] = params.get("borrow_idle_cores") == "1"
+    accelerators = classifier.optimization.execution_accelerators.gpu_execution_accelerator
+    for accelerator in accelerators:
+        if accelerator.name == "tensorrt" and "precision_mode" in accelerator.parameters:
+            values["trt_precision"] = accelerator.parameters["precision_mode"]
+    if preprocess is not None:
+        values["preprocess_instance_count"] = (
+            sum(g.count or 1 for g in preprocess.instance_group) or 1
+        )
+        limit = {k: v.string_value for k, v in preprocess.parameters.items()}.get(
+            MAX_IMAGE_BYTES_PARAMETER
+        )
+        if limit:
+            values["max_image_bytes"] = int(limit)
+    return values
+
+
 def classifier_name(spec: ModelSpec) -> str:
     return f"{spec.model_name}_onnx"
 
@@ -285,8 +344,3 @@ def ensemble_config(
     cls.output_map[spec.output_name] = spec.output_name
     config.parameters["medimg_classifier"].string_value = cls.model_name
     return config
-
-
-def step_models(config: pb.ModelConfig) -> list[str]:
-    """The models an ensemble config runs, in order."""
-    return [step.model_name for step in config.ensemble_scheduling.step]

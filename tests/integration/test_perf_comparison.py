@@ -1,7 +1,8 @@
-"""benchmarks/serving.py's records: the CSV row names the configuration that was measured,
-also for a reused repository, and an older CSV gets the columns added since::
+"""The side-by-side serving benchmark's records (``serving.perf.comparison``): the CSV row
+names the configuration that was measured, also for a reused repository, and an older CSV
+gets the columns added since; the CPU split's zero-work copy does no model work::
 
-    python -m pytest tests/test_serving_results.py -q
+    python -m pytest tests/integration/test_perf_comparison.py -q
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ def test_a_reused_repository_is_described_like_one_written_here(
 ):
     for options in (
         RepositoryOptions(),
-        RepositoryOptions(max_queue_delay_us=0, preferred_batch_sizes=(), instance_count=1,
-                          intra_op_threads=2, borrow_idle_cores=False, max_batch_size=16),
-    ):  # fmt: skip
+        RepositoryOptions(
+            max_queue_delay_us=0,
+            preferred_batch_sizes=(),
+            instance_count=1,
+            intra_op_threads=2,
+            borrow_idle_cores=False,
+            max_batch_size=16,
+        ),
+    ):
         repo = tmp_path / f"repo{options.instance_count}"
         models = write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, options)
         assert config_summary(repo, models.classifier.name) == options_summary(options)
@@ -33,12 +40,17 @@ def test_the_csv_keeps_old_rows_and_fills_the_columns_added_since(tmp_path):
     (tmp_path / "serving.csv").write_text(old + "2026-11-20 10:00:00,grpc,16,10.0,,0.870\r\n")
     report = {
         "time": "2026-12-01 04:00:00",
-        "options": {"protocol": "grpc", "load_generator": "perf_analyzer",
-                    "shared_memory": "system", "concurrency": 16, "duration_s": 10.0},
+        "options": {
+            "protocol": "grpc",
+            "load_generator": "perf_analyzer",
+            "shared_memory": "system",
+            "concurrency": 16,
+            "duration_s": 10.0,
+        },
         "repository_options": "max_queue_delay_us=0 preferred=8",
         "ratios": {"served/inprocess": 0.8512},
         "load_average": [0.5, 2.0],
-    }  # fmt: skip
+    }
     write_results(tmp_path, report, "text")
     with open(tmp_path / "serving.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

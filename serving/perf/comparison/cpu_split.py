@@ -1,4 +1,5 @@
-"""Where a served request's CPU goes, beside in-process ONNX Runtime, in one script.
+"""Where a served request's CPU goes, beside in-process ONNX Runtime: the work of
+``benchmarks/serving_cpu_split.py``.
 
 For the classifier ``NAME_onnx`` of a model repository, two servers take turns
 (alternating order, ``--rounds`` rounds): the classifier as exported, and a copy whose
@@ -8,22 +9,22 @@ time of perf_analyzer, of the tritonserver process and of its Python-backend stu
 read from ``/proc`` around the run and divided by the requests answered. In process, the
 same ONNX file runs at several batch sizes with one thread and with every core, and two
 one-thread sessions side by side at the served average batch (what two one-thread
-instances do, contending for the caches). Core-milliseconds per image compare them::
+instances do, contending for the caches). Core-milliseconds per image compare them;
+:func:`run` returns the report's markdown lines::
 
-    python benchmarks/serving_cpu_split.py --model-repository model_repository
+    python benchmarks/serving_cpu_split.py --model-repository model_repository --out /tmp/split
 
-``served/inprocess >= 0.90`` (``benchmarks/serving.py``) needs a served request to cost at
+``served/inprocess >= 0.90`` (the side-by-side benchmark) needs a served request to cost at
 most ``cores / (0.9 x in-process best img/s)`` core-ms, load generator included; the
 last lines print that budget beside what the served path spends outside ONNX Runtime.
-Results go to ``benchmarks/results/serving_cpu_split.md`` (or ``--out``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +45,19 @@ RUN_ANCHOR = "    def _run(self, batch: np.ndarray) -> np.ndarray:\n"
 ZERO_WORK = "        return np.zeros((len(batch), {classes}), np.float32)  # zero-work copy\n"
 
 
+@dataclass(frozen=True)
+class CpuSplitOptions:
+    """What ``benchmarks/serving_cpu_split.py`` measures and how (see its ``--help``)."""
+
+    model_repository: str = "model_repository"
+    model: str = ""  # the classifier (NAME or NAME_onnx; "": the only one)
+    rounds: int = 4
+    concurrency: int = 16
+    duration_s: float = 6.0  # per perf_analyzer run
+    seconds: float = 1.5  # per in-process measurement
+    perf_analyzer: str = ""  # its binary ("": found or fetched)
+
+
 def copies(repository: Path, name: str, classes: int, root: Path) -> dict[str, Path]:
     """Two one-model repositories: the classifier as exported and a zero-work copy."""
     out = {}
@@ -61,14 +75,19 @@ def copies(repository: Path, name: str, classes: int, root: Path) -> dict[str, P
     return out
 
 
-def served_split(repository: Path, model: str, pa, inputs: Path, args) -> dict[str, float]:
+def served_split(
+    repository: Path, model: str, pa, inputs: Path, args: CpuSplitOptions
+) -> dict[str, float]:
     """CPU ms per request by process, throughput and average batch at ``args.concurrency``."""
-    from serving.server.process import TritonServer, find_free_port
+    from serving.server.network import find_free_port
+    from serving.server.process import TritonServer
 
     opts = SimpleNamespace(duration_s=args.duration_s, protocol="grpc", shared_memory="none")
     http, grpc, metrics = free_ports(3, find_free_port)
     with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
         url, pid = srv.grpc_url, srv.pid
+        if pid is None:
+            raise BenchError(f"tritonserver over {repository} has no process")
         pa_level(pa, url, model, opts, args.concurrency, inputs)  # warm-up, not counted
         server0, tree0 = process_jiffies(pid), tree_jiffies(pid)
         row = pa_level(pa, url, model, opts, args.concurrency, inputs)
@@ -85,7 +104,9 @@ def served_split(repository: Path, model: str, pa, inputs: Path, args) -> dict[s
     return split
 
 
-def inprocess(onnx: Path, images: np.ndarray, batch: int, args) -> dict[str, float]:
+def inprocess(
+    onnx: Path, images: np.ndarray, batch: int, args: CpuSplitOptions
+) -> dict[str, float]:
     """Core-ms per image: one thread at several batch sizes, every core at its best, and
     two one-thread sessions side by side at ``batch``."""
     cores = os.cpu_count() or 1
@@ -102,7 +123,7 @@ def inprocess(onnx: Path, images: np.ndarray, batch: int, args) -> dict[str, flo
     return out
 
 
-def run(args: argparse.Namespace, workdir: Path) -> list[str]:
+def run(args: CpuSplitOptions, workdir: Path) -> list[str]:
     repository = Path(args.model_repository)
     name, spec, onnx = find_classifier(repository, args.model)
     images = np.random.default_rng(0).standard_normal(
@@ -128,8 +149,11 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     budget = cores * 1000 / (0.9 * ours["best img/s"])
     outside = med["exported"]["total"] - (med["exported"]["stubs"] - med["zero-work"]["stubs"])
     lines = [f"# Served CPU split ({args.rounds} rounds, medians; c{args.concurrency}, gRPC)", ""]
-    lines += [f"{time.strftime('%Y-%m-%d %H:%M')}, {cores} cores, classifier {name} of "
-              f"{repository}; CPU in ms per request (per image in process)", ""]  # fmt: skip
+    lines += [
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {cores} cores, classifier {name} of "
+        f"{repository}; CPU in ms per request (per image in process)",
+        "",
+    ]
     lines += ["| path | " + " | ".join(med["exported"]) + " |", "| --- |" + " ---: |" * 6]
     lines += [
         f"| {v} | " + " | ".join(f"{x:.3f}" for x in m.values()) + " |" for v, m in med.items()
@@ -155,8 +179,3 @@ def fmt(row: dict[str, float]) -> str:
 
 def median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
-
-
-
-
-

@@ -1,11 +1,14 @@
-"""The model ``benchmarks/serving.py`` measures: made here (data check, brief training,
-ONNX export with a parity check, Triton repository, weights for the naive baseline) or
-reused from ``--model-repository``; and real preprocessed images for the in-process runs.
+"""The model the side-by-side serving benchmark (``benchmarks/serving_side_by_side.py``)
+measures: made here (data check, brief training, ONNX export with a parity check, Triton
+repository, weights for the naive baseline) or reused from ``--model-repository``; and real
+preprocessed images for the in-process runs::
+
+    python -c "from pathlib import Path; from serving.perf.comparison.model import *; \
+print(config_summary(Path('model_repository'), 'pneumoniamnist-densenet121_onnx'))"
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from serving.perf.accounting import BenchError
-
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-# Repository options this script lets one override: argparse dest -> RepositoryOptions field.
-REPOSITORY_FLAGS = {
-    "max_queue_delay_us": "max_queue_delay_us",
-    "preferred_batch_sizes": "preferred_batch_sizes",
-    "instances": "instance_count",
-    "intra_op_threads": "intra_op_threads",
-    "max_batch_size": "max_batch_size",
-    "borrow_idle_cores": "borrow_idle_cores",
-}
+from serving.perf.comparison.settings import BATCH_SIZES, Settings
+from serving.repository.layout import list_models, read_config, spec_from_config, write_model_set
+from serving.repository.model_config import (
+    RepositoryOptions,
+    classifier_name,
+    options_from_config,
+)
+from training.spec import ModelSpec
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Prepared:
 
     repository: Path
     classifier: str  # NAME_onnx
-    spec: object  # training.spec.ModelSpec
+    spec: ModelSpec
     onnx_path: Path
     weights: Path
     notes: list[str]
@@ -108,37 +108,9 @@ def train_briefly(spec, dataset: str, data_dir: str, steps: int, batch_size: int
     return model
 
 
-def repository_defaults() -> dict:
-    """This script's repository defaults, by argparse dest: those of ``RepositoryOptions()``,
-    what ``medimg export`` writes -- 2 classifier instances, ONNX Runtime threads 0 (cores /
-    instances at load time), idle cores borrowed, preferred batch 8 with a 0.5 ms delay,
-    chosen with ``benchmarks/serving_sweep.py`` (benchmarks/results/serving_sweep.md) -- so
-    the run measures the exported product. Needs the ``serving`` package importable (unshadowed)."""
-    from serving.repository.layout import RepositoryOptions
-
-    defaults = RepositoryOptions()
-    return {flag: getattr(defaults, name) for flag, name in REPOSITORY_FLAGS.items()}
-
-
-def repository_options(args: argparse.Namespace):
-    """``RepositoryOptions`` from the command line (defaults: :func:`repository_defaults`)."""
-    from serving.repository.layout import RepositoryOptions
-
-    return RepositoryOptions(
-        max_batch_size=args.max_batch_size,
-        preferred_batch_sizes=tuple(args.preferred_batch_sizes),
-        max_queue_delay_us=args.max_queue_delay_us,
-        instance_count=args.instances,
-        intra_op_threads=args.intra_op_threads,
-        borrow_idle_cores=bool(args.borrow_idle_cores),
-    )
-
-
-def make_model(args: argparse.Namespace, workdir: Path, images: np.ndarray) -> Prepared:
+def make_model(args: Settings, workdir: Path, images: np.ndarray) -> Prepared:
     """Build, briefly train, export, check and write the repository under ``workdir``."""
     from serving.export.onnx import PARITY_ATOL, export_onnx, parity
-    from serving.repository.layout import write_model_set
-    from serving.repository.model_config import classifier_name
     from training.model import ProbabilityHead, save_weights
 
     spec = model_spec(args)
@@ -153,7 +125,7 @@ def make_model(args: argparse.Namespace, workdir: Path, images: np.ndarray) -> P
     if not diff <= PARITY_ATOL:
         raise BenchError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs)")
     print(f"exported ONNX in {time.perf_counter() - started:.0f} s (parity {diff:.1e})", flush=True)
-    options = repository_options(args)
+    options = args.repository_options()
     models = write_model_set(workdir / "repository", spec, onnx_path, options)
     weights = workdir / "weights.pt"
     save_weights(model, weights, spec.to_json())
@@ -168,13 +140,11 @@ def make_model(args: argparse.Namespace, workdir: Path, images: np.ndarray) -> P
     )
 
 
-def model_spec(args: argparse.Namespace):
-    from training.spec import ModelSpec
-
+def model_spec(args: Settings) -> ModelSpec:
     return ModelSpec.for_dataset(args.dataset, args.image_size, data_dir=args.data_dir)
 
 
-def options_summary(options) -> str:
+def options_summary(options: RepositoryOptions) -> str:
     sizes = ",".join(map(str, options.preferred_batch_sizes)) or "none"
     return (
         f"max_queue_delay_us={options.max_queue_delay_us} preferred={sizes} "
@@ -187,27 +157,11 @@ def options_summary(options) -> str:
 def config_summary(repository: Path, classifier: str) -> str:
     """:func:`options_summary` of a classifier's config.pbtxt as it is on disk (a reused
     ``--model-repository``; ``intra_op_threads=0``: cores / instances)."""
-    from serving.repository.layout import read_config
-    from serving.repository.model_config import RepositoryOptions
-
-    config = read_config(repository / classifier)
-    params = {key: value.string_value for key, value in config.parameters.items()}
-    return options_summary(
-        RepositoryOptions(
-            max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
-            preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),
-            instance_count=sum(g.count or 1 for g in config.instance_group) or 1,
-            intra_op_threads=int(params.get("intra_op_threads") or 0),
-            max_batch_size=config.max_batch_size,
-            borrow_idle_cores=params.get("borrow_idle_cores") == "1",
-        )
-    )
+    return options_summary(options_from_config(read_config(repository / classifier)))
 
 
-def find_classifier(repository: Path, model: str) -> tuple[str, object, Path]:
+def find_classifier(repository: Path, model: str) -> tuple[str, ModelSpec, Path]:
     """(classifier name, spec, ONNX file of its latest version) in a CPU repository."""
-    from serving.repository.layout import list_models, read_config, spec_from_config
-
     names = [
         n
         for n in list_models(repository)
@@ -233,7 +187,7 @@ def find_classifier(repository: Path, model: str) -> tuple[str, object, Path]:
     return names[0], spec_from_config(config), files[-1]
 
 
-def reuse_model(args: argparse.Namespace, workdir: Path) -> Prepared:
+def reuse_model(args: Settings, workdir: Path) -> Prepared:
     """The given repository; weights from ``--weights``, else initial ones saved here."""
     from training.model import build_model, load_weights, save_weights
 
@@ -274,7 +228,7 @@ def sample_images(spec, dataset: str, data_dir: str, count: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:count], dtype=np.float32)
 
 
-def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Prepared, np.ndarray]:
+def prepare(args: Settings, workdir: Path) -> tuple[Prepared, np.ndarray]:
     """The model under test and real preprocessed images for the in-process runs."""
     check_data(args.dataset, args.data_dir)
     print("preparing the model", flush=True)

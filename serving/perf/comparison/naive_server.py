@@ -1,22 +1,21 @@
-"""The naive serving baseline of ``benchmarks/serving.py``: FastAPI + PyTorch eager,
-one request one forward pass, no batching, no ONNX.
+"""The naive serving baseline of ``benchmarks/serving_side_by_side.py``: FastAPI + PyTorch
+eager, one request one forward pass, no batching, no ONNX.
 
 ``POST /predict`` takes the raw bytes of a C-order float32 tensor (n, C, S, S) -- the
 preprocessed input the model's spec describes -- and answers JSON
 ``{"probabilities": [[...], ...]}``; ``GET /health`` answers ``{"ok": true}`` once the
 model is loaded. The endpoint is ``async`` and runs the forward pass on the event loop,
 so requests are served one at a time (what a first FastAPI deployment does). Weights
-come from :func:`training.model.save_weights` (state dict + spec); ``benchmarks/serving.py``
-starts this as its own uvicorn process and stops it by its PID::
+come from :func:`training.model.save_weights` (state dict + spec); the side-by-side
+benchmark starts it as its own uvicorn process (``serving.cli.naive_server``) and stops it
+by its PID::
 
-    python serving/perf/comparison/naive_server.py --weights /tmp/densenet.pt --port 8500
+    python -m serving.cli.naive_server --weights /tmp/densenet.pt --port 8500
     curl -s 127.0.0.1:8500/health
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,33 +67,20 @@ def create_app(module: nn.Module, spec: ModelSpec) -> FastAPI:
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="file written by save_weights")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    args = parser.parse_args(argv)
-    weights = Path(args.weights)
-    if not weights.is_file():
-        print(f"naive_server: weights file {weights} does not exist", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def serve(weights: Path, host: str, port: int, threads: int = 0) -> None:
+    """Load ``weights`` and serve them on ``host:port`` until stopped (``threads``: torch
+    threads, 0 for its default)."""
     import uvicorn
 
+    if threads:
+        torch.set_num_threads(threads)
     module, spec = load_module(weights)
     with torch.inference_mode():  # first call allocates; keep it out of the measurement
         module(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
     uvicorn.run(
         create_app(module, spec),
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         log_level="warning",
         access_log=False,
     )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

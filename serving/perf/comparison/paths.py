@@ -1,13 +1,16 @@
-"""The three measured paths of ``benchmarks/serving.py``: (a) ONNX Runtime in process
-(batch-size sweep, best batch, one-thread sessions side by side, batch-1 latency),
+"""The three measured paths of ``benchmarks/serving_side_by_side.py``: (a) ONNX Runtime in
+process (batch-size sweep, best batch, one-thread sessions side by side, batch-1 latency),
 (b) Triton through :func:`serving.perf.bench.run_bench` against a tritonserver started here,
-(c) the naive FastAPI + PyTorch-eager server (``naive_server.py``) as its own process,
-started and stopped by its PID, under an aiohttp closed-loop load.
+(c) the naive FastAPI + PyTorch-eager server (``naive_server.py``, started as
+``python -m serving.cli.naive_server``) as its own process, stopped by its PID, under an
+aiohttp closed-loop load::
+
+    python -c "from serving.perf.comparison.paths import *; import numpy as np; \
+print(inprocess_latency(ort_session('model.onnx'), np.zeros((8, 1, 64, 64), np.float32), 50))"
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -23,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.perf.accounting import BenchError, PathResult
+from serving.perf.comparison.settings import Settings
 
-NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
+NAIVE_SERVER = "serving.cli.naive_server"  # the baseline's process entry (python -m)
 
 
 # ---------------------------------------------------------------- (a) in process
@@ -132,7 +136,8 @@ def inprocess_latency(session, images: np.ndarray, runs: int) -> PathResult:
 def triton_server(repository: Path, protocol: str) -> Iterator[str]:
     """tritonserver on free loopback ports over ``repository``; yields the URL of
     ``protocol`` (``host:port``) and stops the server when done."""
-    from serving.server.process import TritonServer, find_free_port
+    from serving.server.network import find_free_port
+    from serving.server.process import TritonServer
 
     ports = free_ports(3, find_free_port)
     server = TritonServer(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
@@ -143,7 +148,7 @@ def triton_server(repository: Path, protocol: str) -> Iterator[str]:
 
 
 def triton_level(
-    url: str, model: str, args: argparse.Namespace, concurrency: int, label: str = "(b)"
+    url: str, model: str, args: Settings, concurrency: int, label: str = "(b)"
 ) -> PathResult:
     """One :func:`serving.perf.bench.run_bench` level (medimg's Python client): single-image
     requests of random preprocessed tensors to the classifier ``model``."""
@@ -194,10 +199,10 @@ def free_ports(count: int, pick: Callable[[], int]) -> list[int]:
 
 
 def start_naive(weights: Path, port: int, log_path: Path) -> subprocess.Popen:
-    """``naive_server.py`` as its own process on 127.0.0.1:``port``."""
+    """The naive server as its own process on 127.0.0.1:``port``."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, str(NAIVE_SERVER), "--weights", str(weights), "--port", str(port)],
+            [sys.executable, "-m", NAIVE_SERVER, "--weights", str(weights), "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -234,7 +239,7 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
 @contextlib.contextmanager
 def naive_server(weights: Path, workdir: Path) -> Iterator[str]:
     """The naive server on a free loopback port; yields its base URL, stops it by PID."""
-    from serving.server.process import find_free_port
+    from serving.server.network import find_free_port
 
     port = find_free_port()
     log_path = workdir / "naive_server.log"
@@ -294,7 +299,7 @@ async def http_load(
         return await _post_loop(session, url, body, concurrency, duration_s)
 
 
-def naive_level(base: str, image: np.ndarray, args: argparse.Namespace) -> PathResult:
+def naive_level(base: str, image: np.ndarray, args: Settings) -> PathResult:
     """``--concurrency`` aiohttp tasks against the naive server for ``--duration-s``."""
     body = np.ascontiguousarray(image[None], dtype=np.float32).tobytes()
     latencies, failed, elapsed = asyncio.run(

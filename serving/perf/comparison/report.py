@@ -1,4 +1,4 @@
-"""Rounds and reporting of ``benchmarks/serving.py``: one round over every path back to
+"""Rounds and reporting of ``benchmarks/serving_side_by_side.py``: one round over every path back to
 back, medians over the quiet rounds, the ratios against their targets, the table, the
 ``serving.{json,md}`` files and the ``serving.csv`` row, and the fixed last line.
 """
@@ -156,7 +156,7 @@ def client_lines(rounds: list[Round]) -> list[str]:
         return []
     ratio = float(np.median([r.client_ratio() for r in rounds]))
     b1 = pooled([r.inprocess_b1 for r in rounds])
-    c1 = pooled([r.client_c1 for r in rounds])
+    c1 = pooled([r.client_c1 for r in rounds if r.client_c1 is not None])
     return [
         f"{'served/inprocess':<20} {ratio:6.3f}  (information: (b') medimg's Python client "
         "as the load generator)",
@@ -253,7 +253,7 @@ def write_results(out_dir: Path, report: dict, text: str) -> None:
 
 def markdown(report: dict, rows: list[PathResult], lines: list[str]) -> str:
     body = [
-        f"# benchmarks/serving.py — {report['time']}",
+        f"# benchmarks/serving_side_by_side.py — {report['time']}",
         "",
         f"Command: `{report['command']}`",
         "",
