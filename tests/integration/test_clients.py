@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 from PIL import Image
@@ -29,7 +28,7 @@ from serving.clients.inputs import collect_items
 from serving.clients.sync import TritonClassifier
 from serving.server.process import TritonServer
 from tests.fixtures.pipeline import write_medmnist_npz
-from tests.fixtures.triton import MODEL, _ports
+from tests.fixtures.triton import MODEL, free_ports, server_fixture
 from training.data import medmnist_arrays
 from training.errors import ServingError
 from training.images import read_image
@@ -38,19 +37,12 @@ pytestmark = pytest.mark.timeout(300)
 SECRET_PID, SECRET_STUDY, SECRET_ACCESSION = "MEDIMG-PID-7731", "1.2.826.0.1.3680043.99.1", "ACC-42"
 
 
-@pytest.fixture(scope="module")
-def server(triton_cache_dir, tiny_classifier_repository):
-    with TritonServer(tiny_classifier_repository, **_ports()) as srv:
-        yield {"http": srv.http_url.removeprefix("http://"), "grpc": srv.grpc_url}
+served = server_fixture()
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_classifier_spec, tiny_classifier_onnx):
-    """What the tiny model gives in this process for an image (uint8, as read)."""
-    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
-    return lambda image: session.run(None, {"input": tiny_classifier_spec.preprocess(image[None])})[
-        0
-    ][0]
+def server(served):
+    return {"http": served.http_url.removeprefix("http://"), "grpc": served.grpc_url}
 
 
 def _dicom(path: Path, *, with_ids: bool) -> Path:
@@ -84,10 +76,12 @@ def folder(tmp_path_factory, data_dir) -> Path:
     return root
 
 
-def test_sync_and_async_clients_agree_with_in_process(server, folder, expected) -> None:
+def test_sync_and_async_clients_agree_with_in_process(
+    server, folder, tiny_classifier_answer
+) -> None:
     items, errors = collect_items([folder])
     assert not errors and len(items) == 8  # 5 png + npy + 2 DICOM; notes.txt skipped
-    want = {i.name: expected(read_image(i.path)) for i in items}
+    want = {i.name: tiny_classifier_answer(read_image(i.path)) for i in items}
     for protocol in ("http", "grpc"):
         with TritonClassifier(server[protocol], protocol) as client:
             sync = list(client.classify_items(items, batch_size=3))
@@ -192,7 +186,7 @@ def test_classify_directory_as_csv_with_a_bad_file(server, folder, medimg_cmd, t
         )
 
 
-def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, expected) -> None:
+def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, tiny_classifier_answer) -> None:
     npz = data_dir / "pneumoniamnist.npz"
     out = tmp_path / "labels.csv"
     label = ["label", npz, "--split", "val", "--out", out, "--review-below", "0.6"]
@@ -206,7 +200,7 @@ def test_label_npz_split(server, data_dir, medimg_cmd, tmp_path, expected) -> No
     for i in (0, len(raw) // 2, len(raw) - 1):
         np.testing.assert_allclose(
             [float(rows[i]["prob_normal"]), float(rows[i]["prob_pneumonia"])],
-            expected(raw[i]),
+            tiny_classifier_answer(raw[i]),
             atol=1e-5,
         )
     for r in rows:
@@ -241,7 +235,7 @@ def test_label_missing_split_and_bad_threshold(server, data_dir, medimg_cmd, tmp
 
 
 def test_triage_orders_by_finding_and_keeps_identifiers_in_the_worklist(
-    server, folder, medimg_cmd, tmp_path, expected
+    server, folder, medimg_cmd, tmp_path, tiny_classifier_answer
 ) -> None:
     out = tmp_path / "worklist.csv"
     result = _run(
@@ -253,7 +247,7 @@ def test_triage_orders_by_finding_and_keeps_identifiers_in_the_worklist(
     assert len(rows) == 8 and probs == sorted(probs, reverse=True)
     assert [int(r["rank"]) for r in rows] == list(range(1, 9))
     for r in rows:
-        want = expected(read_image(r["file"]))[1]
+        want = tiny_classifier_answer(read_image(r["file"]))[1]
         assert float(r["prob_pneumonia"]) == pytest.approx(float(want), abs=1e-5)
     study = next(r for r in rows if r["file"].endswith("study.dcm"))
     assert (study["PatientID"], study["StudyInstanceUID"], study["AccessionNumber"]) == (
@@ -298,7 +292,7 @@ def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
             preds = await client.classify_all(items, batch_size=4)
             return preds, time.monotonic() - started
 
-    server = TritonServer(tiny_classifier_repository, **_ports())
+    server = TritonServer(tiny_classifier_repository, **free_ports())
     with server:
         preds, seconds = asyncio.run(go(server.grpc_url, server))
     assert len(preds) == 40 and all(p.error for p in preds)

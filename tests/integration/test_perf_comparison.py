@@ -72,7 +72,7 @@ def test_the_cpu_split_zero_work_copy_does_no_model_work(
     import tritonclient.grpc as grpcclient
 
     from serving.server.process import TritonServer
-    from tests.fixtures.triton import _ports
+    from tests.fixtures.triton import free_ports
 
     name = "pneumoniamnist-densenet121_onnx"
     original = (tiny_classifier_repository / name / "1" / "model.py").read_bytes()
@@ -81,7 +81,7 @@ def test_the_cpu_split_zero_work_copy_does_no_model_work(
     x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
     answers = {}
     for variant, repository in variants.items():
-        with TritonServer(repository, **_ports()) as server:
+        with TritonServer(repository, **free_ports()) as server:
             client = grpcclient.InferenceServerClient(server.grpc_url)
             inp = grpcclient.InferInput("input", list(x.shape), "FP32")
             inp.set_data_from_numpy(x)

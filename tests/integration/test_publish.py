@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from serving.pipeline import png_bytes
 from serving.server.process import TritonServer
-from tests.fixtures.triton import _ports
+from tests.fixtures.triton import free_ports
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,7 +59,7 @@ def test_publish_switches_versions_with_zero_failed_requests(
     _, repository, _ = exported
     repo = tmp_path / "repo"
     shutil.copytree(repository, repo)  # version 1, as exported
-    ports = _ports()
+    ports = free_ports()
     server = TritonServer(
         repo, model_control_mode="explicit", log_file=tmp_path / "server.log", **ports
     )

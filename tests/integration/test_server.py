@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.server.network import port_in_use
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _children, _ports, server_fixture
+from tests.fixtures.triton import MODEL, children_of, free_ports, server_fixture
 from training.errors import ServingError
 
 pytestmark = pytest.mark.timeout(300)
@@ -193,7 +193,7 @@ def test_dynamic_batching_merges_concurrent_requests(server, reference):
 def test_backend_stub_runs_this_python_and_its_packages(server):
     stubs = [
         pid
-        for pid in _children(server.pid)
+        for pid in children_of(server.pid)
         if os.readlink(f"/proc/{pid}/exe").endswith("triton_python_backend_stub")
     ]
     assert stubs, "no Python-backend stub process under tritonserver"
@@ -211,7 +211,7 @@ def test_backend_stub_runs_this_python_and_its_packages(server):
 
 
 def test_busy_port_is_refused_by_name(server, tiny_classifier_repository):
-    ports = _ports() | {"grpc_port": server.grpc_port}
+    ports = free_ports() | {"grpc_port": server.grpc_port}
     other = TritonServer(tiny_classifier_repository, **ports)
     with pytest.raises(ServingError, match=f"grpc port {server.grpc_port}"):
         other.start()

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from serving.repository.layout import read_config, write_model_set
 from serving.repository.model_config import RepositoryOptions
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _ports, running_server
+from tests.fixtures.triton import MODEL, free_ports, running_server
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -110,7 +110,7 @@ def test_an_unusable_core_lock_still_serves(
     repo = tmp_path / "repository"
     write_model_set(repo, tiny_classifier_spec, tiny_classifier_onnx, RepositoryOptions())
     log = tmp_path / "server.log"
-    server = TritonServer(repo, log_file=log, **_ports())
+    server = TritonServer(repo, log_file=log, **free_ports())
     server.core_lock = tmp_path / "no-such-dir" / "cores"
     with server:
         x = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)

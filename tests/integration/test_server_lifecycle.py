@@ -26,7 +26,7 @@ from serving.server.cleanup import CORE_LOCK_PREFIX, remove_stale_core_locks
 from serving.server.home import prepare_server_home
 from serving.server.network import port_in_use
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _children, _ports, _processes
+from tests.fixtures.triton import MODEL, children_of, free_ports, processes_where
 from training.errors import ConfigError, ServingError
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,7 +43,7 @@ def test_unusable_repository_fails_at_once(triton_cache_dir, tmp_path, case):
         repo.mkdir()
     elif case == "no-config":
         (repo / "model" / "1").mkdir(parents=True)
-    server = TritonServer(repo, **_ports())
+    server = TritonServer(repo, **free_ports())
     started = time.monotonic()
     with pytest.raises(ServingError, match=str(repo)):
         server.start()
@@ -64,7 +64,7 @@ def test_an_unusable_address_is_named_before_start(
 ):
     import socket
 
-    ports = _ports()
+    ports = free_ports()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports["http_port"]))
         taken.listen()
@@ -93,7 +93,7 @@ def test_model_that_fails_to_load_raises_with_log_tail(
     repo = tmp_path / "repo"
     shutil.copytree(tiny_classifier_repository, repo)
     (repo / f"{MODEL}_onnx" / "1" / "model.onnx").write_bytes(b"this is not an ONNX file")
-    server = TritonServer(repo, log_file=tmp_path / "server.log", **_ports())
+    server = TritonServer(repo, log_file=tmp_path / "server.log", **free_ports())
     server.start()
     with pytest.raises(ServingError) as error:
         server.wait_ready(timeout=120)
@@ -104,7 +104,7 @@ def test_model_that_fails_to_load_raises_with_log_tail(
 
 
 def test_stop_returns_zero_and_frees_the_ports(triton_cache_dir, tiny_classifier_repository):
-    ports = _ports()
+    ports = free_ports()
     with TritonServer(tiny_classifier_repository, **ports) as server:
         pid = server.pid
         client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
@@ -133,7 +133,7 @@ def test_killed_server_leaves_no_shared_memory(
     bystander.write_bytes(b"x")
     log = tmp_path / "tritonserver.log"  # a crashed server's own log is kept: not in /tmp
     try:
-        server = TritonServer(tiny_classifier_repository, log_file=log, **_ports())
+        server = TritonServer(tiny_classifier_repository, log_file=log, **free_ports())
         with server:
             ours = sorted(p.name for p in shm.glob(server.shm_prefix + "*"))
             assert ours, f"no region named {server.shm_prefix}* while serving"
@@ -372,9 +372,9 @@ def test_serve_foreground_stopped_while_loading_leaves_no_stub(
     try:
         deadline, session = time.monotonic() + 60, []
         while len(session) < 2 and time.monotonic() < deadline:  # tritonserver + a stub
-            children = _children(proc.pid)  # tritonserver and the HTTP guard (a Python process)
+            children = children_of(proc.pid)  # tritonserver and the HTTP guard (a Python process)
             servers = [p for p in children if _exe(p).endswith("/tritonserver")]
-            session = _processes(2, servers[0]) if servers else []
+            session = processes_where(2, servers[0]) if servers else []
             time.sleep(0.05)
         assert len(session) >= 2, "no backend stub started"
         proc.send_signal(signal.SIGTERM)  # usually while the model is still loading
@@ -383,5 +383,5 @@ def test_serve_foreground_stopped_while_loading_leaves_no_stub(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _processes(2, servers[0]) == []  # server and stubs all gone, at once
+    assert processes_where(2, servers[0]) == []  # server and stubs all gone, at once
     assert all(_gone(pid) for pid in children)  # the guard too

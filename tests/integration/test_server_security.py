@@ -26,7 +26,7 @@ from serving.cli.options import server_from_args
 from serving.server import token as repository_token
 from serving.server.config import GUARD_HEADER
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _ports, server_fixture
+from tests.fixtures.triton import MODEL, free_ports, server_fixture
 from training.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
@@ -171,7 +171,9 @@ def test_explicit_mode_loads_and_unloads_only_with_the_token(
     port: no bypass) and gRPC; a cross-site form POST cannot carry it; the index stays open
     through the guard; the token file is the owner's only and goes with the server."""
     onnx = f"{MODEL}_onnx"
-    with TritonServer(tiny_classifier_repository, model_control_mode="explicit", **_ports()) as srv:
+    with TritonServer(
+        tiny_classifier_repository, model_control_mode="explicit", **free_ports()
+    ) as srv:
         assert srv.guard_pid is not None
         token = repository_token.find_token(tiny_classifier_repository, srv.http_url)
         assert token == srv.repository_token and len(token) >= 32

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from serving.clients.inputs import png_bytes
@@ -19,23 +18,14 @@ from serving.perf.bench import BenchOptions
 from serving.perf.tune_server import current_knobs, sweep, write_best
 from serving.repository.layout import read_config
 from serving.server.process import TritonServer
-from tests.fixtures.triton import MODEL, _ports
+from tests.fixtures.triton import MODEL, free_ports
 from training.errors import ServingError
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def expected(tiny_classifier_spec, tiny_classifier_onnx):
-    """What the tiny model gives in this process for an image (uint8, as read)."""
-    session = ort.InferenceSession(str(tiny_classifier_onnx), providers=["CPUExecutionProvider"])
-    return lambda image: session.run(None, {"input": tiny_classifier_spec.preprocess(image[None])})[
-        0
-    ][0]
-
-
 def test_tune_server_writes_the_best_config_that_then_serves(
-    tiny_classifier_repository, tmp_path, triton_cache_dir, expected
+    tiny_classifier_repository, tmp_path, triton_cache_dir, tiny_classifier_answer
 ) -> None:
     repo = tmp_path / "repository"
     shutil.copytree(tiny_classifier_repository, repo)
@@ -55,9 +45,12 @@ def test_tune_server_writes_the_best_config_that_then_serves(
         assert (model_dir / "config.pbtxt.before-tune").is_file()
     assert current_knobs(repo, MODEL)[0] == pick
     image = np.full((40, 40), 90, dtype=np.uint8)
-    with TritonServer(repo, **_ports()) as srv, TritonClassifier(srv.grpc_url, "grpc") as client:
+    with (
+        TritonServer(repo, **free_ports()) as srv,
+        TritonClassifier(srv.grpc_url, "grpc") as client,
+    ):
         np.testing.assert_allclose(
-            client.infer_bytes([png_bytes(image)])[0], expected(image), atol=1e-5
+            client.infer_bytes([png_bytes(image)])[0], tiny_classifier_answer(image), atol=1e-5
         )
 
 

@@ -5,7 +5,7 @@ into a fresh virtual environment, holds every subpackage and the backend's files
 
 The dependencies are not installed a second time (7 GB): the fresh environment sees the
 test environment's site-packages through a ``.pth`` line, which adds that folder to
-``sys.path`` without running its ``.pth`` files, so the editable install of this
+the module search path without running its ``.pth`` files, so the editable install of this
 checkout stays out of sight and only the wheel provides ``serving`` and ``training``.
 """
 
