@@ -10,7 +10,8 @@ own random parameters per image, scaled by ``strength`` (0..1):
 Validation, test and served images see only the normalisation::
 
     python -c "import torch; from training.augment import BatchTransform; \
-print(BatchTransform(('hflip', 'affine'), 0.5, (0.5,), (0.5,))(torch.zeros(4, 1, 64, 64, dtype=torch.uint8), train=True).shape)"
+t = BatchTransform(('hflip', 'affine'), 0.5, (0.5,), (0.5,)); \
+print(t(torch.zeros(4, 1, 64, 64, dtype=torch.uint8), train=True).shape)"
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ original on ONNX Runtime CPU::
 from serving.export.fp16 import FP16_PARITY_ATOL, convert_fp16, fp16_parity; \
 src = Path('model_repository/pneumoniamnist-densenet121_onnx/1/model.onnx'); \
 dst = convert_fp16(src, Path('model_fp16.onnx')); \
-x = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, max_samples=64).model_input((0.5,), (0.5,)); \
+val = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, max_samples=64); \
+x = val.model_input((0.5,), (0.5,)); \
 print(fp16_parity(src, dst, x), 'allowed', FP16_PARITY_ATOL)"
 
 Every DenseNet-121 op (Conv, BatchNormalization, Relu, Concat, AveragePool, MaxPool,

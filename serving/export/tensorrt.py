@@ -9,7 +9,8 @@ from training.data import DataOptions, open_split; \
 m = Path('model_repository/pneumoniamnist-densenet121_onnx/1/model.onnx'); \
 p = Path('model_repository/pneumoniamnist-densenet121_trt/1/model.plan'); \
 print(build_engine(m, p, max_batch_size=32, opt_batch_size=16, timing_cache=Path('trt.cache'))); \
-x = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, max_samples=64).model_input((0.5,), (0.5,)); \
+val = open_split(DataOptions('pneumoniamnist', '../shared/data'), 'val', image_size=64, max_samples=64); \
+x = val.model_input((0.5,), (0.5,)); \
 print(check_parity(p, m, x))  # (top-1 agreement, max abs diff)"
 
 INT8 (``int8_calibration``: preprocessed (N, C, H, W) validation images) uses the implicit
