@@ -9,9 +9,11 @@ the in-process values to 1e-3, else the command fails::
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +27,9 @@ from training.driver import TrainOutcome, train_and_register
 from training.errors import ServingError
 from training.metrics import evaluate
 from training.registry import load_model
+
+if TYPE_CHECKING:
+    from training.console import RunConsole
 
 AGREEMENT = 1e-3
 
@@ -73,7 +78,8 @@ def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:
 
 def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
     print(
-        f"test split ({served.images} images) in-process:   AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}"
+        f"test split ({served.images} images) in-process:   "
+        f"AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}"
     )
     print(
         f"test split ({served.images} images) through Triton: AUC {served.auc:.4f}  ACC {served.acc:.4f}  "
@@ -95,19 +101,30 @@ def log_to_mlflow(outcome: TrainOutcome, served: ServedEvaluation, tracking_uri:
         client.log_metric(outcome.run_id, key, value)
 
 
-def run_pipeline(cfg: TrainConfig, server: TritonServer, *, keep_serving: bool = False) -> int:
+def run_pipeline(
+    cfg: TrainConfig,
+    server: TritonServer,
+    *,
+    keep_serving: bool = False,
+    console: RunConsole | None = None,
+) -> int:
+    """Train, export, serve and evaluate; with a ``console``, what the libraries print while
+    training and exporting goes to the run's log file."""
+    quiet = console.quiet if console is not None else contextlib.nullcontext
     started = time.perf_counter()
-    outcome = train_and_register(cfg)
+    with quiet():
+        outcome = train_and_register(cfg)
     print(
         f"trained {outcome.model_name} version {outcome.version} (MLflow run {outcome.run_id}) "
         f"in {time.perf_counter() - started:.0f} s",
         flush=True,
     )
-    exported = export_model(
-        load_model(cfg.tracking_uri, outcome.model_uri),
-        Path(server.repository),
-        data_dir=cfg.data_dir,
-    )
+    with quiet():
+        exported = export_model(
+            load_model(cfg.tracking_uri, outcome.model_uri),
+            Path(server.repository),
+            data_dir=cfg.data_dir,
+        )
     print(
         f"exported to {exported.model_dir} version {exported.version} "
         f"(ONNX parity max abs diff {exported.max_abs_diff:.2e})",

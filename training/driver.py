@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.config import TrainConfig
+from training.console import announce_run_dir
 from training.data import DataOptions, check_data, open_split
 from training.errors import ConfigError, MedimgError, TrainingError
 from training.metrics import evaluate
@@ -137,9 +138,10 @@ def train_and_register(cfg: TrainConfig, resume: ResumeTarget | None = None) -> 
     """
     import mlflow
 
-    experiment_id = ensure_experiment(cfg.tracking_uri, cfg.experiment)
     run_id = resume.mlflow_run_id if resume else ""
     ray_name = resume.ray_run_name if resume and resume.ray_run_name else new_ray_run_name(cfg)
+    announce_run_dir(log, f"{cfg.storage_path.rstrip('/')}/{ray_name}")
+    experiment_id = ensure_experiment(cfg.tracking_uri, cfg.experiment)
     try:
         with mlflow.start_run(
             run_id=run_id or None,

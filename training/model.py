@@ -119,13 +119,20 @@ class ProbabilityHead(nn.Module):
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper, or ``model`` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def save_weights(model: nn.Module, path: Path, spec_json: str) -> None:
-    """State dict plus the model spec (JSON), as one file."""
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
-    torch.save({"state_dict": module.state_dict(), "spec": spec_json}, path)
+    """State dict plus the model spec (JSON), as one file: plain tensors and a string,
+    read back by :func:`load_weights` with ``torch.load(weights_only=True)``."""
+    torch.save({"state_dict": unwrap(model).state_dict(), "spec": spec_json}, path)
 
 
 def load_weights(path: Path) -> tuple[dict, str]:
+    """(state dict, spec JSON) of a :func:`save_weights` file; no code is unpickled."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     return blob["state_dict"], blob["spec"]
 
@@ -135,7 +142,7 @@ def predict_proba(model: nn.Module, x, *, multi_label: bool, batch_size: int = 1
     """Class probabilities (numpy, float32) of a logits model for preprocessed ``x``."""
     import numpy as np
 
-    model = model.module if hasattr(model, "module") else model  # unwrap DDP: no collectives here
+    model = unwrap(model)  # unwrap DDP: no collectives here
     model.eval()
     device = next(model.parameters()).device
     out = []

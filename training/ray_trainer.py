@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training import progress
 from training.augment import BatchTransform
 from training.config import TrainConfig
 from training.data import DataOptions, open_split
@@ -40,8 +41,9 @@ from training.epoch import (
 )
 from training.errors import TrainingError
 from training.metrics import evaluate
-from training.model import build_model, load_weights, predict_proba, save_weights
+from training.model import build_model, load_weights, predict_proba, save_weights, unwrap
 from training.spec import ModelSpec
+from training.worker_logs import relay_to_driver, route_ray_output
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
@@ -111,8 +113,7 @@ def _restore(checkpoint, model, optimizer, schedule, scaler) -> tuple[int, dict]
     with checkpoint.as_directory() as d:
         weights = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(weights["state_dict"])
+    unwrap(model).load_state_dict(weights["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if scaler is not None and state.get("scaler"):
@@ -126,9 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(config)
-    log.setLevel(logging.INFO)  # Ray Train V2 shows worker log records once (prints twice)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    relay_to_driver(rank)  # our log records reach the driver as records, not as text
     if cfg.cpus_per_worker >= 1:
         torch.set_num_threads(int(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed + rank)
@@ -136,8 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opts = DataOptions.from_config(cfg)
     size = dict(image_size=cfg.image_size, channels=spec.channels)
     train = open_split(opts, "train", max_samples=cfg.max_train_samples, **size)
-    val_x = open_split(opts, "val", **size)
-    val_y, val_x = val_x.labels, val_x.model_input(spec.mean, spec.std)
+    val = open_split(opts, "val", **size)
+    val_y, val_x = val.labels, val.model_input(spec.mean, spec.std)
     sampler = make_sampler(cfg, train.labels, train, rank, world)
     loader = DataLoader(
         train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train) > cfg.batch_size
@@ -178,15 +179,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sampler.set_epoch(epoch)
         started = time.perf_counter()
 
-        def progress(
+        def on_step(
             step: int, steps: int, loss: float, seen: int, epoch=epoch, started=started
         ) -> None:
             if rank == 0 and (step % 25 == 0 or step == steps):
-                rate = seen * world / (time.perf_counter() - started)
-                log.info(
-                    "epoch %d/%d step %d/%d loss %.4f %.0f img/s",
-                    epoch, cfg.epochs, step, steps, loss, rate,
-                )  # fmt: skip
+                seconds = time.perf_counter() - started
+                rate = seen * world / seconds
+                progress.step(epoch, cfg.epochs, step, steps, loss, rate, seconds)
 
         stats = run_epoch(
             model,
@@ -198,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
             autocast=autocast,
             scaler=scaler,
-            on_step=progress,
+            on_step=on_step,
         )
         sums = torch.tensor([stats.loss_sum, stats.images], dtype=torch.float64, device=device)
         if world > 1:
@@ -220,11 +219,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
-        log.info(
-            "epoch %d/%d train_loss %.4f val_auc %.4f val_acc %.4f (%.0f s)",
-            epoch, cfg.epochs, metrics["train_loss"], metrics["val_auc"], metrics["val_acc"],
-            metrics["epoch_time_s"],
-        )  # fmt: skip
+        progress.epoch(
+            epoch,
+            cfg.epochs,
+            train_loss=metrics["train_loss"],
+            val_auc=metrics["val_auc"],
+            val_acc=metrics["val_acc"],
+            images_per_s=metrics["train_images_per_s"],
+            seconds=metrics["epoch_time_s"],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             save_weights(model, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
             state = {
@@ -250,13 +253,14 @@ def ray_address(cfg: TrainConfig) -> str:
 
 def init_ray(cfg: TrainConfig, **kwargs: Any) -> None:
     """Start or join Ray as :func:`ray_address` says; a new local instance gets
-    :func:`local_dashboard`."""
+    :func:`local_dashboard`. Workers' output is routed (``training.worker_logs``)."""
     import ray
 
     address = ray_address(cfg)
     if address == "local":
         kwargs = {**local_dashboard(), **kwargs}
     ray.init(address=address, log_to_driver=True, configure_logging=False, **kwargs)
+    route_ray_output()  # workers' records as records; Ray's lines to a listening console
 
 
 def local_dashboard() -> dict[str, Any]:

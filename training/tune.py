@@ -19,14 +19,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.config import TrainConfig
+from training.console import announce_run_dir
 from training.errors import ConfigError, TrainingError
 from training.search_space import DEFAULT_AUGMENT, DEFAULT_SPACE, load_space, parse_space
 from training.tune_runs import (
     ChildRuns,
     JobRef,
+    TrialProgress,
     TuneInterrupted,
     TuneOutcome,
     join,
@@ -36,6 +38,9 @@ from training.tune_runs import (
     summarise,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from ray.tune.search import SearchAlgorithm, Searcher
 
 log = logging.getLogger(__name__)
 STATE_FILE = "medimg_tune.json"
@@ -58,9 +63,14 @@ class TuneSettings:
             (self.samples >= 1, "samples", ">= 1", self.samples),
             (self.max_concurrent >= 1, "max_concurrent", ">= 1", self.max_concurrent),
             (self.search in SEARCHES, "search", f"one of {list(SEARCHES)}", self.search),
-            (self.trial_scheduler in SCHEDULERS, "trial_scheduler", f"one of {list(SCHEDULERS)}", self.trial_scheduler),
+            (
+                self.trial_scheduler in SCHEDULERS,
+                "trial_scheduler",
+                f"one of {list(SCHEDULERS)}",
+                self.trial_scheduler,
+            ),
             (self.time_budget_s >= 0, "time_budget_s", ">= 0", self.time_budget_s),
-        ]  # fmt: skip
+        ]
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"tune {name}: expected {expected}, got {got!r}")
@@ -119,6 +129,7 @@ def _tuner(ref: JobRef, base: TrainConfig, space: dict, settings: TuneSettings):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    search: Searcher | SearchAlgorithm
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -151,7 +162,9 @@ def _tuner(ref: JobRef, base: TrainConfig, space: dict, settings: TuneSettings):
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=ray.tune.RunConfig(
-            name=ref.name, storage_path=base.storage_path, callbacks=[ChildRuns(ref)]
+            name=ref.name,
+            storage_path=base.storage_path,
+            callbacks=[ChildRuns(ref), TrialProgress(settings.samples)],
         ),
     )
 
@@ -167,12 +180,13 @@ def run_tune(base: TrainConfig, settings: TuneSettings) -> TuneOutcome:
     from training.registry import ensure_experiment
 
     settings.validate()
-    experiment_id = ensure_experiment(base.tracking_uri, base.experiment)
     name = (
         settings.name
         or f"tune-{base.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     )
     path = join(base.storage_path, name)
+    announce_run_dir(log, path)
+    experiment_id = ensure_experiment(base.tracking_uri, base.experiment)
     parent = MlflowClient(tracking_uri=base.tracking_uri).create_run(
         experiment_id,
         run_name=name,
@@ -219,6 +233,7 @@ def resume_tune(path: str) -> TuneOutcome:
         raise ConfigError(
             f"resume: {path} is not a medimg tuning job folder (no {STATE_FILE}): {exc}"
         ) from exc
+    announce_run_dir(log, path)  # a job folder: its log file continues there
     ref, settings = JobRef(**state["ref"]), TuneSettings(**state["settings"])
     base = TrainConfig.from_dict(state["base"])
     with parent_run(ref) as client:
@@ -266,7 +281,7 @@ def _conclude(results, ref: JobRef, path: str, client) -> TuneOutcome:
     if not scored:
         errors = "; ".join(str(r.error).strip().splitlines()[-1] for r in results if r.error)
         raise TrainingError(f"no trial of {ref.name} reported a val AUC: {errors or 'none ran'}")
-    best = max(scored, key=lambda s: s.val_auc)
+    best = max(scored, key=lambda s: s.val_auc or 0.0)  # all scored: none is None
     trial = next(t for t in trials if t.trial_id == best.trial_id)
     cfg = TrainConfig.from_dict({**trial.config, "storage_path": ref.train_storage})
     cfg.mlflow_run_id = best.run_id

@@ -3,7 +3,8 @@ parent run (tag ``mlflow.parentRunId``), found again by its ``ray_trial_id`` tag
 resumed job restarts the trial and closed by a Tune callback in the driver; the parent
 run's final status; the job's state file; the summary of the trials::
 
-    python -c "from training.tune_runs import JobRef; print(JobRef('p', '0', 'sqlite:///x.db', 'job', '/tmp/job/train', ['lr']))"
+    python -c "from training.tune_runs import JobRef; \
+print(JobRef('p', '0', 'sqlite:///x.db', 'job', '/tmp/job/train', ['lr']))"
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from training import progress
 from training.config import TrainConfig
 from training.errors import MedimgError, TrainingError
 
@@ -133,6 +135,47 @@ class ChildRuns(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         error = trial.get_error() or "see the trial's error file"
         self._close(trial, "FAILED", error=str(error).strip()[-5000:])
+
+
+class TrialProgress(Callback):
+    """Driver-side: a progress record (trials ended and running, the best val AUC so far)
+    whenever a trial starts, reports an epoch or ends."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.ended: set[str] = set()
+
+    def _report(self, trials: list, starting: str = "") -> None:
+        ended = self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        running = sum(
+            (t.status == "RUNNING" or t.trial_id == starting) and t.trial_id not in ended
+            for t in trials
+        )
+        aucs = [_best_auc(t) for t in trials]
+        best = max((a for a in aucs if a is not None), default=None)
+        progress.trials(len(ended), running, max(self.total, len(trials)), best)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._report(trials, starting=trial.trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result, **info: Any) -> None:
+        self._report(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.ended.add(trial.trial_id)
+        self._report(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.ended.add(trial.trial_id)
+        self._report(trials)
+
+
+def _best_auc(trial) -> float | None:
+    """The best val AUC a trial reported so far (Tune keeps the max per metric)."""
+    value = (getattr(trial, "metric_analysis", None) or {}).get("val_auc", {}).get("max")
+    if value is None:
+        value = (trial.last_result or {}).get("val_auc")
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""``medimg train``, ``medimg tune`` and ``medimg pipeline``.
+"""``medimg train``, ``medimg tune`` and ``medimg pipeline``. Each prints one progress
+display and its results; library output goes to the run's ``medimg.log`` (``-v``: the
+console too), see ``training.console``.
 
 medimg train --dataset pneumoniamnist --epochs 3
 medimg tune --dataset pneumoniamnist --samples 8
@@ -19,18 +21,20 @@ from serving.cli.options import (
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.console import RunConsole
     from training.driver import train_and_register
 
-    if args.resume:
-        from training.config import default_tracking_uri
-        from training.driver import resume_config
+    with RunConsole("train", verbose=args.verbose) as console, console.quiet():
+        if args.resume:
+            from training.config import default_tracking_uri
+            from training.driver import resume_config
 
-        explicit = explicit_options(args)
-        uri = explicit.pop("tracking_uri", "") or default_tracking_uri()
-        cfg, target = resume_config(uri, args.resume, explicit)
-        outcome = train_and_register(cfg, target)
-    else:
-        outcome = train_and_register(train_config(args))
+            explicit = explicit_options(args)
+            uri = explicit.pop("tracking_uri", "") or default_tracking_uri()
+            cfg, target = resume_config(uri, args.resume, explicit)
+            outcome = train_and_register(cfg, target)
+        else:
+            outcome = train_and_register(train_config(args))
     print(f"MLflow run: {outcome.run_id}")
     print(f"registered: {outcome.model_name} version {outcome.version}")
     print(f"val  AUC {outcome.val['auc']:.4f}  ACC {outcome.val['acc']:.4f}")
@@ -43,11 +47,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from serving.pipeline import run_pipeline
+    from training.console import RunConsole
 
-    return run_pipeline(train_config(args), server_from_args(args), keep_serving=args.keep_serving)
+    cfg, server = train_config(args), server_from_args(args)
+    with RunConsole("train", verbose=args.verbose) as console:
+        return run_pipeline(cfg, server, keep_serving=args.keep_serving, console=console)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from training.console import RunConsole
     from training.tune import TuneSettings, resume_tune, run_tune
 
     if args.resume:
@@ -58,17 +66,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"tune --resume continues the job with its own saved options; drop {ignored}"
             )
-        outcome = resume_tune(args.resume)
-    else:
-        settings = TuneSettings(
-            samples=args.samples,
-            max_concurrent=args.max_concurrent,
-            search=args.search,
-            trial_scheduler=args.trial_scheduler,
-            time_budget_s=args.time_budget_s,
-            space_file=args.space,
-        )
-        outcome = run_tune(train_config(args), settings)
+    with RunConsole("tune", verbose=args.verbose) as console, console.quiet():
+        if args.resume:
+            outcome = resume_tune(args.resume)
+        else:
+            settings = TuneSettings(
+                samples=args.samples,
+                max_concurrent=args.max_concurrent,
+                search=args.search,
+                trial_scheduler=args.trial_scheduler,
+                time_budget_s=args.time_budget_s,
+                space_file=args.space,
+            )
+            outcome = run_tune(train_config(args), settings)
     print(outcome.report())
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -49,6 +50,47 @@ def test_train_reports_checkpoint_and_registers(trained, tmp_path: Path) -> None
     np.testing.assert_allclose(outcome.test_probs.sum(axis=1), 1.0, atol=1e-5)
     # nothing left in the temp dir (the best checkpoint's weights were once copied there)
     assert list(scratch_of(cfg.storage_path).iterdir()) == []
+
+
+def test_cli_train_console(medimg_cmd, cli_env, data_dir, tmp_path: Path) -> None:
+    """`medimg train` prints its progress (off a terminal: one line per epoch) and its
+    results; Ray's report lines and the libraries' output go to medimg.log in the run
+    directory, whose path it prints. With -v they reach the console too."""
+    storage = ["--storage-path", str(tmp_path / "ray")]
+    args = ["--data-dir", str(data_dir), "--epochs", "1", "--max-train-samples", "128"]
+    result = subprocess.run(
+        [*medimg_cmd, "train", *args, "--image-size", "32", *storage],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert re.search(r"^MLflow run: [0-9a-f]{32}$", result.stdout, re.M), result.stdout
+    assert re.search(r"^test AUC [\d.]+  ACC [\d.]+$", result.stdout, re.M), result.stdout
+    epoch = r"^epoch 1/1  loss [\d.]+  val AUC [\d.]+  \d+ img/s  \d+ s  ETA 0:00$"
+    assert len(re.findall(epoch, result.stderr, re.M)) == 1, result.stderr
+    path = Path(re.search(r"^log file: (.+)$", result.stderr, re.M)[1])
+    assert path.name == "medimg.log" and path.parent.parent == tmp_path / "ray"
+    console, logged = result.stdout + result.stderr, path.read_text()
+    for text in (
+        "Reporting training result 1",  # Ray Train V2, per worker per epoch
+        "(TrainController pid=",
+        "Started a local Ray instance",
+        "Successfully registered model",  # MLflow's print
+    ):
+        assert text not in console and text in logged, (text, console[-3000:])
+    assert "pickle" not in console + logged  # the model is logged as weights + spec
+
+    verbose = subprocess.run(  # fails once Ray runs: no GPU in this cluster
+        [*medimg_cmd, "-v", "train", *args, "--gpus-per-worker", "1", *storage],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert verbose.returncode != 0 and "the Ray cluster has 0" in verbose.stderr
+    assert "Started a local Ray instance" in verbose.stderr, verbose.stderr[-3000:]
 
 
 def test_bad_data_fails_the_mlflow_run(tmp_path: Path) -> None:

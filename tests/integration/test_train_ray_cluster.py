@@ -117,6 +117,7 @@ def test_local_train_beside_another_ray_instance(
     args += ["--max-train-samples", "128", "--workers", "1"]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500)
     output = result.stdout + result.stderr
+    output += "".join(p.read_text() for p in (tmp_path / "ray_results").glob("*/medimg.log"))
     assert result.returncode == 0, output[-4000:]
     assert "multiple active Ray instances" not in output, output[-4000:]
     _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -82,7 +82,8 @@ def test_search_space_validation(tmp_path: Path) -> None:
 
 def test_unknown_space_key_fails_parent_run(medimg_cmd, cli_env, tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(
-        "lr:\n  type: loguniform\n  lower: 1e-4\n  upper: 1e-2\nlearning_rate_decay:\n  type: uniform\n  lower: 0.1\n  upper: 0.9\n"
+        "lr:\n  type: loguniform\n  lower: 1e-4\n  upper: 1e-2\n"
+        "learning_rate_decay:\n  type: uniform\n  lower: 0.1\n  upper: 0.9\n"
     )
     args = [*medimg_cmd, "tune", *TINY, "--space", str(tmp_path / "space.yaml")]
     args += ["--storage-path", str(tmp_path / "ray"), "--experiment", "bad-space"]

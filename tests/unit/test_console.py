@@ -139,10 +139,12 @@ def test_the_router_turns_relayed_lines_into_records_and_leaves_rays_alone() -> 
     keep = Keep()
     logger = logging.getLogger("training")
     logger.addHandler(keep)
+    level, logger.level = logger.level, logging.INFO
     try:
         route({"pid": 5, "ip": "10.0.0.2", "lines": [_relay_line(0, "hello"), "Ray's own line"]})
     finally:
         logger.removeHandler(keep)
+        logger.setLevel(level)
     assert [(r.name, r.getMessage(), r.worker["rank"]) for r in seen] == [
         ("training.ray_trainer", "hello", 0)
     ]

@@ -60,3 +60,29 @@ def test_config_makes_paths_absolute(tmp_path, monkeypatch) -> None:
     assert cfg.storage_path == str(tmp_path / "ray")
     assert TrainConfig(tracking_uri="http://127.0.0.1:5000").tracking_uri == "http://127.0.0.1:5000"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+class _Payload:
+    """An object whose unpickling would run code: a weights file must never hold one."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_weights_round_trip_without_unpickling_code(tmp_path) -> None:
+    from training.model import load_weights, save_weights
+    from training.spec import ModelSpec
+
+    spec = ModelSpec("pneumoniamnist", "binary-class", ("normal", "pneumonia"), 32, 1)
+    model = build_model(1, 2).eval()
+    save_weights(torch.nn.parallel.DataParallel(model), tmp_path / "w.pt", spec.to_json())
+    state, spec_json = load_weights(tmp_path / "w.pt")
+    rebuilt = build_model(1, 2).eval()
+    rebuilt.load_state_dict(state)  # DDP/DataParallel's "module." prefix is gone
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    assert ModelSpec.from_json(spec_json) == spec
+    torch.save({"state_dict": {}, "spec": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_weights(tmp_path / "evil.pt")
