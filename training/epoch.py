@@ -124,7 +124,7 @@ class WeightedDistributedSampler(Sampler[int]):
 
 def make_sampler(
     cfg: TrainConfig, labels: np.ndarray, dataset: Dataset, rank: int, world: int
-) -> Sampler:
+) -> DistributedSampler | WeightedDistributedSampler:
     """Shuffling :class:`DistributedSampler`, or inverse-class-frequency weighted draws
     (``sampler == "balanced"``; multi-label: by the rarest positive finding of each image)."""
     if cfg.sampler == "shuffle":

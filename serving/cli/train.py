@@ -108,11 +108,22 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="trials (default %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials at once (default 1)")
     p.add_argument("--search", choices=("optuna", "random"), default="optuna", help="TPE or random")
-    p.add_argument("--trial-scheduler", choices=("asha", "none"), default="asha",
-                   help="asha: stop poor trials after each epoch")  # fmt: skip
+    p.add_argument(
+        "--trial-scheduler",
+        choices=("asha", "none"),
+        default="asha",
+        help="asha: stop poor trials after each epoch",
+    )
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after S s (0: none)")
-    p.add_argument("--space", default="", help="YAML/JSON search space (default: lr, weight "
-                   "decay, batch size, optimizer, aug strength, image size)")  # fmt: skip
-    p.add_argument("--resume", default="", help="continue a stopped job: its Tune folder "
-                   "(the job's own options are used)")  # fmt: skip
+    p.add_argument(
+        "--space",
+        default="",
+        help="YAML/JSON search space (default: lr, weight "
+        "decay, batch size, optimizer, aug strength, image size)",
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        help="continue a stopped job: its Tune folder (the job's own options are used)",
+    )
     p.set_defaults(func=cmd_tune)
