@@ -192,9 +192,18 @@ def test_stopped_run_resumes_in_the_same_mlflow_run(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")]
     args = [
-        *medimg_cmd, "train", "--data-dir", str(data_dir), "--epochs", "3",
-        "--max-train-samples", "256", "--image-size", "32", *common,
-    ]  # fmt: skip
+        *medimg_cmd,
+        "train",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "3",
+        "--max-train-samples",
+        "256",
+        "--image-size",
+        "32",
+        *common,
+    ]
     log = tmp_path / "first.log"
     with log.open("w") as out:
         proc = subprocess.Popen(args, env=cli_env, stdout=out, stderr=subprocess.STDOUT)
