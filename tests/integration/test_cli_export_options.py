@@ -1,7 +1,7 @@
 """export_model's options on a tiny real network (fast): the fp16 variant, the gpu target's
 build step, and `medimg build-engine` refusing clearly where there is no TensorRT/GPU::
 
-    python -m pytest tests/test_export_options.py -q
+    python -m pytest tests/integration/test_cli_export_options.py -q
 """
 
 from __future__ import annotations

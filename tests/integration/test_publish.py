@@ -2,7 +2,7 @@
 client sends requests in a loop while the registry's model is published as version 2;
 not one request fails across the switch, and version 2 is what serves afterwards::
 
-    python -m pytest tests/test_publish.py -q
+    python -m pytest tests/integration/test_publish.py -q
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_publish_to_a_server_that_is_not_there(trained, medimg_cmd, tmp_path, fr
     assert not (Path(tmp_path) / "repo").exists()  # checked before the (long) export
 
 
-@pytest.mark.slow  # an export of its own (~1 min); the upload itself is in tests/test_s3.py
+@pytest.mark.slow  # an export of its own (~1 min); the upload itself is in tests/integration/test_repository_s3.py
 def test_publish_to_s3(trained, medimg_cmd, moto_endpoint, tmp_path) -> None:
     """``--repository s3://...`` against a real S3-protocol server (moto) on loopback: the
     three models land as Triton lays them out, and the next publish would be version 2."""

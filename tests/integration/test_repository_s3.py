@@ -1,7 +1,7 @@
 """serving.repository.s3 against a real S3-protocol server: moto's server mode on loopback, run as a
 child process whose PID the fixture holds and stops::
 
-    python -m pytest -q tests/test_s3.py -p no:cacheprovider
+    python -m pytest -q tests/integration/test_repository_s3.py -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """serving/triton_backend/preprocess.py in process (Triton's pb_utils stood in for): the
 bytes the server decodes give exactly the tensor training and the client compute, and
 every bad item is answered with INVALID_ARG naming the problem. The real server runs it
-through the ensemble in tests/test_ensemble.py::
+through the ensemble in tests/integration/test_ensemble.py::
 
-    python -m pytest tests/test_preprocess_backend.py -q
+    python -m pytest tests/integration/test_triton_backend_preprocess.py -q
 """
 
 from __future__ import annotations

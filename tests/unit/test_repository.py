@@ -1,6 +1,6 @@
 """serving.repository.layout: the Triton model repository, and the Python-backend model.py it ships.
 
-python -m pytest tests/test_repository.py -q
+python -m pytest tests/unit/test_repository.py -q
 """
 
 from __future__ import annotations
@@ -320,7 +320,8 @@ def backend_model(tiny_classifier_repository, monkeypatch):
     module, pb = _backend_module(monkeypatch, "medimg_backend_model")
     model_dir = tiny_classifier_repository / CLASSIFIER
     proto = read_config(model_dir)
-    proto.parameters["borrow_idle_cores"].string_value = "0"  # one session: tests/test_borrow*
+    # one session; borrowing is tested in tests/integration/test_server_borrow_cores.py
+    proto.parameters["borrow_idle_cores"].string_value = "0"
     config = json_format.MessageToJson(proto, preserving_proto_field_name=True)
     model = module.TritonPythonModel()
     model.initialize(
