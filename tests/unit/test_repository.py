@@ -1,6 +1,8 @@
-"""serving.repository.layout: the Triton model repository, and the Python-backend model.py it ships.
+"""serving.repository: the Triton model configs (parsed back through Triton's own protobuf
+schema) and the versioned repository writes; the backend's model.py has
+tests/unit/test_triton_backend_model.py::
 
-python -m pytest tests/unit/test_repository.py -q
+    python -m pytest tests/unit/test_repository.py -q
 """
 
 from __future__ import annotations
