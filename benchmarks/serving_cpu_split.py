@@ -1,21 +1,15 @@
 """Where a served request's CPU goes, beside in-process ONNX Runtime, in one script.
 
-For the classifier ``NAME_onnx`` of a model repository, two servers take turns
-(alternating order, ``--rounds`` rounds): the classifier as exported, and a copy whose
-``model.py`` returns zeros instead of running ONNX Runtime (the served path with no model
-work). perf_analyzer sends single-image requests at ``--concurrency`` to each; the CPU
-time of perf_analyzer, of the tritonserver process and of its Python-backend stubs is
-read from ``/proc`` around the run and divided by the requests answered. In process, the
-same ONNX file runs at several batch sizes with one thread and with every core, and two
-one-thread sessions side by side at the served average batch (what two one-thread
-instances do, contending for the caches). Core-milliseconds per image compare them::
+CPU per served request by process (perf_analyzer, tritonserver, Python-backend stubs) for
+the exported classifier and a zero-work copy, beside in-process ONNX Runtime per image;
+how it is measured: :mod:`serving.perf.comparison.cpu_split`::
 
     python benchmarks/serving_cpu_split.py --model-repository model_repository
 
 ``served/inprocess >= 0.90`` (``benchmarks/serving_side_by_side.py``) needs a served request
 to cost at most ``cores / (0.9 x in-process best img/s)`` core-ms, load generator included;
 the last lines print that budget beside what the served path spends outside ONNX Runtime.
-The work is ``serving.perf.comparison.cpu_split``. Results go to ``serving_cpu_split.md`` in
+Results go to ``serving_cpu_split.md`` in
 ``--out`` (default ``bench-results/serving-cpu-split-TIME``), and with ``--record`` to
 ``benchmarks/results/serving_cpu_split.md`` too.
 """
