@@ -71,6 +71,8 @@ class TrainConfig:
     # model
     model_name: str = ""  # registered / served name; default "<dataset>-densenet121"
     pretrained_weights: str = ""  # local .pth of torchvision densenet121 (ImageNet) or CheXNet
+    positive_class: str = ""  # binary: the finding ("" : from the data set, see training.spec)
+    calibration: str = "temperature"  # temperature (fitted on val after training) | none
     # optimisation
     recipe: str = ""  # "", "medmnist" or "chexnet": named presets (see training/recipes.py)
     epochs: int = 3
@@ -154,6 +156,7 @@ class TrainConfig:
             "sampler": ("shuffle", "balanced"),
             "amp": ("auto", "bf16", "fp16", "off"),
             "recipe": ("", *RECIPES),
+            "calibration": ("temperature", "none"),
         }
         for name, allowed in choices.items():
             got = getattr(self, name)

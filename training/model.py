@@ -107,15 +107,21 @@ def load_pretrained(model: nn.Module, path: Path) -> None:
 
 
 class ProbabilityHead(nn.Module):
-    """Wraps a logits model so it returns probabilities: what is exported and served."""
+    """Wraps a logits model so it returns calibrated probabilities: what is exported and
+    served. ``temperature``: one value (softmax) or one per label (sigmoid); the logits are
+    divided by it before the softmax / sigmoid (1.0: uncalibrated)."""
 
-    def __init__(self, model: nn.Module, multi_label: bool) -> None:
+    def __init__(self, model: nn.Module, multi_label: bool, temperature=(1.0,)) -> None:
         super().__init__()
         self.model = model
         self.multi_label = multi_label
+        t = torch.as_tensor(tuple(temperature) or (1.0,), dtype=torch.float32).reshape(1, -1)
+        if not bool((t > 0).all()):
+            raise ConfigError(f"temperature: expected values > 0, got {t.flatten().tolist()}")
+        self.register_buffer("temperature", t, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.model(x) / self.temperature
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
@@ -138,8 +144,8 @@ def load_weights(path: Path) -> tuple[dict, str]:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x, *, multi_label: bool, batch_size: int = 128):
-    """Class probabilities (numpy, float32) of a logits model for preprocessed ``x``."""
+def predict_logits(model: nn.Module, x, *, batch_size: int = 128):
+    """Logits (numpy, float32) of a logits model for preprocessed ``x``."""
     import numpy as np
 
     model = unwrap(model)  # unwrap DDP: no collectives here
@@ -147,7 +153,23 @@ def predict_proba(model: nn.Module, x, *, multi_label: bool, batch_size: int = 1
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        logits = model(torch.as_tensor(x[start : start + batch_size]).to(device))
-        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
-        out.append(probs.cpu().numpy())
+        out.append(
+            model(torch.as_tensor(x[start : start + batch_size]).to(device)).float().cpu().numpy()
+        )
     return np.concatenate(out).astype(np.float32)
+
+
+def probabilities(logits, *, multi_label: bool, temperature=(1.0,)):
+    """float32 probabilities of ``logits`` divided by ``temperature``, computed as
+    :class:`ProbabilityHead` computes them (torch, float32), so they match the export."""
+    t = torch.as_tensor(tuple(temperature) or (1.0,), dtype=torch.float32).reshape(1, -1)
+    z = torch.as_tensor(logits, dtype=torch.float32) / t
+    return (torch.sigmoid(z) if multi_label else torch.softmax(z, dim=1)).numpy()
+
+
+def predict_proba(
+    model: nn.Module, x, *, multi_label: bool, batch_size: int = 128, temperature=(1.0,)
+):
+    """Class probabilities (numpy, float32) of a logits model for preprocessed ``x``."""
+    logits = predict_logits(model, x, batch_size=batch_size)
+    return probabilities(logits, multi_label=multi_label, temperature=temperature)

@@ -198,7 +198,7 @@ def _load_module(local: Path, flavors: dict, spec: ModelSpec, uri: str) -> nn.Mo
         state, _ = load_weights(local / flavors[FLAVOR].get("weights", WEIGHTS_FILE))
         network = build_model(spec.channels, spec.num_classes)
         network.load_state_dict(state)
-        return ProbabilityHead(network, spec.multi_label)
+        return ProbabilityHead(network, spec.multi_label, spec.temperature)
     if "pytorch" in flavors:  # logged before the weights format: a pickled module
         import mlflow.pytorch
 

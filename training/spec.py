@@ -10,7 +10,9 @@ It travels with the checkpoint, in the MLflow model's metadata, and in the Trito
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+import re
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -19,6 +21,41 @@ from training.transforms import normalization_stats, to_model_input
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+CAM_NAME = "cam"  # the second output: class activation maps (N, K, h, w)
+# The finding of each binary MedMNIST data set: what sensitivity, PPV and triage are about.
+POSITIVE_CLASSES = {"pneumoniamnist": "pneumonia", "breastmnist": "malignant"}
+# A binary folder data set whose other class is named like one of these needs no --positive-class.
+NEGATIVE_NAMES = re.compile(r"normal|healthy|benign|negative|no[ _-]?finding|control", re.I)
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # models warned about a missing positive class (once each)
+
+
+def positive_class_for(
+    dataset: str, task: str, class_names: tuple[str, ...], given: str = ""
+) -> str:
+    """The positive class (the finding) of a binary task: ``given`` (a class name, any case),
+    else :data:`POSITIVE_CLASSES`, else the one class of two not named like normal/healthy/
+    benign. Other tasks: "" (every class is one-vs-rest positive)."""
+    if not task.startswith("binary"):
+        if given:
+            raise ConfigError(f"positive_class: only binary tasks have one; {dataset} is {task}")
+        return ""
+    if given:
+        for name in class_names:
+            if name.lower() == given.lower():
+                return name
+        raise ConfigError(
+            f"positive_class: {given!r} is not a class of {dataset} ({list(class_names)})"
+        )
+    if dataset in POSITIVE_CLASSES and POSITIVE_CLASSES[dataset] in class_names:
+        return POSITIVE_CLASSES[dataset]
+    negatives = [n for n in class_names if NEGATIVE_NAMES.search(n)]
+    if len(negatives) == 1:
+        return next(n for n in class_names if n != negatives[0])
+    raise ConfigError(
+        f"positive_class: cannot tell which class of {dataset} ({list(class_names)}) is the finding; "
+        "name it with --positive-class NAME"
+    )
 
 
 @dataclass(frozen=True)
@@ -35,6 +72,39 @@ class ModelSpec:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     extra: dict = field(default_factory=dict)
+    positive_class: str = ""  # binary: the finding; "" in versions before it (label 1 is used)
+    temperature: tuple[float, ...] = ()  # calibration: one (softmax) or one per label; (): none
+    thresholds: tuple[float, ...] = ()  # operating thresholds on calibrated P(finding) from val
+    review: dict = field(default_factory=dict)  # training.review statistics of the val split
+    cam_name: str = ""  # the class-activation-map output, "" when the model has none
+
+    @property
+    def positive_index(self) -> int:
+        """Column of the finding in the probabilities (binary; label 1 for old versions)."""
+        if self.positive_class:
+            return self.class_names.index(self.positive_class)
+        if self.task.startswith("binary") and self.model_name not in _WARNED:
+            _WARNED.add(self.model_name)
+            log.warning(
+                "%s: its spec names no positive class (trained before it was recorded); "
+                "label 1 (%s) is used as the finding",
+                self.model_name,
+                self.class_names[-1],
+            )
+        return self.num_classes - 1
+
+    @property
+    def finding(self) -> str:
+        """The positive class of a binary task ('' for other tasks)."""
+        return self.class_names[self.positive_index] if self.task.startswith("binary") else ""
+
+    def temperatures(self):
+        """The temperature per output column as a float32 array (1.0: uncalibrated)."""
+        t = np.asarray(self.temperature or (1.0,), dtype=np.float32)
+        return np.broadcast_to(t, (self.num_classes,)) if self.multi_label else t[:1]
+
+    def with_fields(self, **changes) -> ModelSpec:
+        return replace(self, **changes)
 
     @property
     def num_classes(self) -> int:
@@ -61,6 +131,9 @@ class ModelSpec:
         try:
             values = dict(data)
             values["class_names"] = tuple(values["class_names"])
+            for key in ("temperature", "thresholds"):
+                if key in values:
+                    values[key] = tuple(float(x) for x in values[key])
             for key in ("mean", "std"):  # JSON lists; a float in specs written before 0.2
                 if key in values:
                     v = values[key]
@@ -85,12 +158,16 @@ class ModelSpec:
         data_dir: str = "",
         normalization: str = "medmnist",
         name: str = "",
+        positive_class: str = "",
     ) -> ModelSpec:
         from training.data import dataset_info
 
         info = dataset_info(dataset, data_dir)
         mean, std = normalization_stats(normalization, info.channels)
         return cls(
+            positive_class=positive_class_for(
+                info.name, info.task, info.class_names, positive_class
+            ),
             dataset=info.name,
             task=info.task,
             class_names=info.class_names,
@@ -109,4 +186,5 @@ class ModelSpec:
             data_dir=cfg.data_dir,
             normalization=cfg.normalization,
             name=cfg.model_name,
+            positive_class=cfg.positive_class,
         )
