@@ -85,8 +85,9 @@ def task_kind(task: str) -> str:
     raise ConfigError(f"metrics: unknown task {task!r}")
 
 
-def _columns(kind: str, labels, probs) -> tuple[np.ndarray, np.ndarray]:
-    """(truth, scores), both (N, K): one column per positive class (binary: class 1 only)."""
+def _columns(kind: str, labels, probs, positive: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, scores), both (N, K): one column per positive class (binary: the finding,
+    column ``positive`` of the probabilities; -1: the last, label 1)."""
     labels = np.asarray(labels).reshape(len(labels), -1)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
     bad = not len(labels) or len(labels) != len(probs)
@@ -96,18 +97,26 @@ def _columns(kind: str, labels, probs) -> tuple[np.ndarray, np.ndarray]:
         return labels == 1, probs
     y = labels[:, 0].astype(int)
     if kind == "binary":
-        return (y == 1)[:, None], probs[:, -1:]  # P(class 1): last of (N, 2), or (N, 1)
+        if probs.shape[1] == 1:  # P(class 1) only
+            return (y == 1)[:, None], probs
+        k = positive % probs.shape[1]
+        return (y == k)[:, None], probs[:, k : k + 1]
     return y[:, None] == np.arange(probs.shape[1]), probs
 
 
 def choose_thresholds(
-    task: str, val_labels: np.ndarray, val_probs: np.ndarray, rule: str = "youden"
+    task: str,
+    val_labels: np.ndarray,
+    val_probs: np.ndarray,
+    rule: str = "youden",
+    *,
+    positive: int = -1,
 ) -> np.ndarray:
     """Operating thresholds chosen on the validation split; a case is positive if p >= t.
 
     ``rule``: "youden" (max sensitivity + specificity - 1 on ``roc_curve``), "sensNN" (the
     highest threshold with sensitivity >= NN%) or "specNN" (the lowest with specificity
-    >= NN%). Binary: one threshold on P(class 1); multi-label: one per finding; multi-class:
+    >= NN%). Binary: one threshold on P(finding), column ``positive``; multi-label: one per finding; multi-class:
     an empty array (the arg-max is predicted). A finding with a single class in val gets 0.5.
     """
     match = re.fullmatch(r"(sens|spec)(\d{1,2}(?:\.\d+)?)", rule)
@@ -116,7 +125,7 @@ def choose_thresholds(
     kind = task_kind(task)
     if kind == "multi-class":
         return np.empty(0)
-    truth, scores = _columns(kind, val_labels, val_probs)
+    truth, scores = _columns(kind, val_labels, val_probs, positive)
     out, target = [], float(match[2]) / 100 if match else 0.0
     for k, (y, s) in enumerate(zip(truth.T, scores.T, strict=True)):
         if y.all() or not y.any():
@@ -170,6 +179,11 @@ class ClinicalReport:
     per_class: dict[str, dict[str, Estimate]]  # multi-label / multi-class, one-vs-rest
     positives: dict[str, int]  # test cases per positive class
 
+    @property
+    def finding(self) -> str:
+        """The positive class of a binary report (its one entry in ``positives``)."""
+        return next(iter(self.positives)) if self.positives else self.class_names[-1]
+
     def flat_metrics(self, prefix: str = "test_") -> dict[str, float]:
         """MLflow-ready: ``test_sensitivity``, ``..._ci_low``, ``test_auc_<class>``, ..."""
         out: dict[str, float] = {}
@@ -203,7 +217,7 @@ class ClinicalReport:
 
         how = "Predicted class: the arg-max (no threshold); per-class metrics are one-vs-rest."
         if self.rule != "argmax":
-            on = f"{self.thresholds[0]:.4f} on P({self.class_names[-1]})"
+            on = f"{self.thresholds[0]:.4f} on P({self.finding})"
             on = "per finding (below)" if self.per_class else on
             how = f"Operating threshold {on}, chosen on the validation split (rule {self.rule})."
         lines = [
@@ -289,16 +303,18 @@ def clinical_report(
     seed: int = 0,
     ci: float = 0.95,
     rule: str = "youden",
+    positive: int = -1,
 ) -> ClinicalReport:
     """The report on the TEST split at ``thresholds`` (chosen on val). Point values: sklearn
     on the whole split; CIs: ``n_boot`` resamples (vectorised weighted counts), skipping those
     where a metric is undefined. Undefined on the split itself: NaN, the reason in ``note``.
+    Binary: every threshold metric is about the finding, column ``positive`` (-1: label 1).
     """
     if n_boot < 0 or not 0 < ci < 1:
         raise ConfigError(f"clinical report: n_boot {n_boot} must be >= 0, ci {ci} in (0, 1)")
     kind = task_kind(task)
-    truth, scores = _columns(kind, labels, probs)
-    names = (class_names[-1],) if kind == "binary" else tuple(class_names)
+    truth, scores = _columns(kind, labels, probs, positive)
+    names = (class_names[positive],) if kind == "binary" else tuple(class_names)
     t = np.atleast_1d(np.asarray([] if thresholds is None else thresholds, dtype=np.float64))
     if len(t) != (0 if kind == "multi-class" else truth.shape[1]) or len(names) != len(truth.T):
         raise DataError(f"clinical report: {len(t)} thresholds, {len(names)} names for {kind}")

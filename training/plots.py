@@ -29,16 +29,17 @@ def _pyplot():
     return plt
 
 
-def _predicted(probs: np.ndarray, multi_label: bool, thresholds) -> np.ndarray:
-    """(N, K) bool: the operating decision per class column (arg-max when no threshold)."""
+def _predicted(probs: np.ndarray, multi_label: bool, thresholds, positive: int = 1) -> np.ndarray:
+    """(N, K) bool: the operating decision per class column (arg-max when no threshold;
+    binary: P(finding) in column ``positive`` against the threshold)."""
     probs = np.asarray(probs)
     if multi_label:
         return probs >= (
             0.5 if thresholds is None or not len(thresholds) else np.asarray(thresholds)
         )
     if probs.shape[1] == 2 and thresholds is not None and len(thresholds) == 1:
-        positive = probs[:, 1] >= float(np.asarray(thresholds).ravel()[0])
-        return np.stack([~positive, positive], axis=1)
+        hit = probs[:, positive] >= float(np.asarray(thresholds).ravel()[0])
+        return np.stack([hit, ~hit][:: 1 if positive == 0 else -1], axis=1)
     return probs.argmax(1)[:, None] == np.arange(probs.shape[1])
 
 
@@ -48,8 +49,9 @@ def roc_figure(
     class_names: tuple[str, ...],
     multi_label: bool = False,
     thresholds: Sequence[float] | np.ndarray | None = None,
+    positive: int = 1,
 ):
-    """One-vs-rest ROC curve per class (the positive class only, for two classes).
+    """One-vs-rest ROC curve per class (the finding only, column ``positive``, for two).
 
     With ``thresholds`` (empty for multi-class: the arg-max), each curve's operating point
     on the test split is marked.
@@ -57,8 +59,9 @@ def roc_figure(
     plt = _pyplot()
     labels = np.asarray(labels).reshape(len(labels), -1)
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    classes = [1] if len(class_names) == 2 and not multi_label else range(len(class_names))
-    pred = None if thresholds is None else _predicted(probs, multi_label, thresholds)
+    binary = len(class_names) == 2 and not multi_label
+    classes = [positive] if binary else range(len(class_names))
+    pred = None if thresholds is None else _predicted(probs, multi_label, thresholds, positive)
     marked = False
     for c in classes:
         truth = labels[:, c] == 1 if multi_label else labels[:, 0] == c
@@ -84,14 +87,16 @@ def confusion_figure(
     probs: np.ndarray,
     class_names: tuple[str, ...],
     threshold: float | None = None,
+    positive: int = 1,
 ):
-    """Confusion matrix (single-label tasks): at ``threshold`` on P(class 1) for a binary
-    task, else of the arg-max prediction."""
+    """Confusion matrix (single-label tasks): at ``threshold`` on P(finding), column
+    ``positive``, for a binary task, else of the arg-max prediction."""
     plt = _pyplot()
     labels, probs = np.asarray(labels).reshape(len(labels), -1), np.asarray(probs)
     if threshold is not None:
-        predicted = (probs[:, 1] >= threshold).astype(int)
-        how = f"P({class_names[1]}) ≥ {threshold:.3f} (chosen on val)"
+        hit = probs[:, positive] >= threshold
+        predicted = np.where(hit, positive, 1 - positive)
+        how = f"P({class_names[positive]}) ≥ {threshold:.3f} (chosen on val)"
     else:
         predicted, how = probs.argmax(axis=1), "arg-max"
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -161,13 +166,14 @@ def log_test_plots(
     mlflow = _require_run()
     plt = _pyplot()
     labels = np.asarray(labels).reshape(len(labels), -1)
-    roc = roc_figure(labels, probs, spec.class_names, spec.multi_label, thresholds)
+    positive = spec.positive_index if spec.num_classes == 2 else 1
+    roc = roc_figure(labels, probs, spec.class_names, spec.multi_label, thresholds, positive)
     if spec.multi_label:
         confusion = multilabel_confusion_figure(labels, probs, spec.class_names, thresholds)
     else:
         binary = thresholds is not None and len(thresholds) == 1 and spec.num_classes == 2
         threshold = float(np.asarray(thresholds).ravel()[0]) if binary else None
-        confusion = confusion_figure(labels, probs, spec.class_names, threshold)
+        confusion = confusion_figure(labels, probs, spec.class_names, threshold, positive)
     for name, fig in {"roc_test.png": roc, "confusion_test.png": confusion}.items():
         mlflow.log_figure(fig, f"plots/{name}")
         plt.close(fig)
