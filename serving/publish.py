@@ -29,7 +29,8 @@ from serving.export.onnx import ExportReport, export_model
 from serving.repository.layout import next_version
 from serving.repository.model_config import RepositoryOptions, classifier_name, preprocess_name
 from serving.server import token as repository_token
-from training.errors import ConfigError, RegistryError, ServingError
+from training.errors import ConfigError, GateError, RegistryError, ServingError
+from training.gate import Gate, check_version
 from training.registry import load_model, resolve_model_uri
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def publish(
     options: RepositoryOptions | None = None,
     url: str = "",
     s3_endpoint: str | None = None,
+    gate: Gate | None = None,
 ) -> Published:
     """Export ``model_ref`` as the next version into ``repository`` (a directory or
     ``s3://...``) and, with ``url``, load it on that server."""
@@ -81,6 +83,11 @@ def publish(
     if url:  # before the export, which takes a while: is there a server to load into?
         check_server(url)
     uri, what = resolve_model_uri(tracking_uri, model=model_ref or default_model_ref(tracking_uri))
+    if gate is not None:  # before anything is written
+        decision = check_version(gate, tracking_uri, uri)
+        print(decision.message, flush=True)
+        if not decision.passed:
+            raise GateError(f"{what} did not pass the gate {gate.source}: not published")
     loaded = load_model(tracking_uri, uri)
     spec = loaded.spec
     names = [preprocess_name(spec), classifier_name(spec), spec.model_name]

@@ -31,6 +31,10 @@ class ExportError(MedimgError):
     """ONNX export or its parity check failed."""
 
 
+class GateError(MedimgError):
+    """A model version did not pass the promotion gate (``--gate``): not published."""
+
+
 class ServingError(MedimgError):
     """The Triton server cannot start, or a client cannot reach or use it."""
 

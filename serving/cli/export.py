@@ -67,6 +67,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from serving.publish import publish
     from training.config import default_data_dir, default_tracking_uri
+    from training.gate import Gate
 
     options = repository_options(args)
     published = publish(
@@ -77,6 +78,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         options=options,
         url=args.url,
         s3_endpoint=args.s3_endpoint or None,
+        gate=Gate.load(args.gate) if args.gate else None,
     )
     print(
         f"published {published.what} as version {published.version} of "
@@ -152,5 +154,11 @@ def register(sub) -> None:
     )
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--data-dir", default="", help="real images for the parity check")
+    p.add_argument(
+        "--gate",
+        default="",
+        help="YAML promotion gate (min_auc_ci_low, max_ece, max_subgroup_ratio): publish only "
+        "a version whose run passes it",
+    )
     add_repository_options(p)
     p.set_defaults(func=cmd_publish)
