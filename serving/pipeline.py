@@ -2,7 +2,8 @@
 
 The whole test split goes through the running server's ensemble over gRPC, as PNG
 bytes the server decodes and preprocesses; the AUC/ACC measured there must agree with
-the in-process values to 1e-3, else the command fails::
+the in-process values to 1e-3 and every served (calibrated) probability with the
+in-process calibrated one to 1e-4, else the command fails::
 
     medimg pipeline --dataset pneumoniamnist --data-dir ../shared/data
 """
@@ -31,7 +32,8 @@ from training.registry import load_model
 if TYPE_CHECKING:
     from training.console import RunConsole
 
-AGREEMENT = 1e-3
+AGREEMENT = 1e-3  # AUC / ACC through Triton against in process
+PROBABILITY_AGREEMENT = 1e-4  # each served (calibrated) probability against in process
 
 
 @dataclass
@@ -67,6 +69,12 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:
+    if not served.max_abs_diff <= PROBABILITY_AGREEMENT:
+        raise ServingError(
+            f"served probabilities differ from the in-process calibrated ones by up to "
+            f"{served.max_abs_diff:.3g} (allowed {PROBABILITY_AGREEMENT}); temperature "
+            f"{outcome.spec.temperature or 'none'}"
+        )
     for name in ("auc", "acc"):
         here, there = outcome.test[name], getattr(served, name)
         if not abs(here - there) <= AGREEMENT:
@@ -86,6 +94,19 @@ def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
         f"(gRPC, {served.images / served.seconds:.0f} img/s, max |dp| {served.max_abs_diff:.2e})",
         flush=True,
     )
+
+
+def calibration_line(calibration: dict) -> str:
+    """One line: the temperature and test ECE / Brier / NLL before -> after."""
+    before, after = calibration["before"], calibration["after"]
+    parts = [
+        f"{name} {before[key]['value']:.4f} -> {after[key]['value']:.4f}"
+        for key, name in (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"))
+        if before.get(key, {}).get("value") is not None
+        and after.get(key, {}).get("value") is not None
+    ]
+    temperature = ", ".join(f"{t:.3f}" for t in calibration["temperature"])
+    return f"calibrated on val (temperature {temperature}): test " + ", ".join(parts)
 
 
 def log_to_mlflow(outcome: TrainOutcome, served: ServedEvaluation, tracking_uri: str) -> None:
@@ -119,6 +140,8 @@ def run_pipeline(
         f"in {time.perf_counter() - started:.0f} s",
         flush=True,
     )
+    if outcome.calibration:
+        print(calibration_line(outcome.calibration), flush=True)
     with quiet():
         exported = export_model(
             load_model(cfg.tracking_uri, outcome.model_uri),

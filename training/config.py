@@ -73,6 +73,7 @@ class TrainConfig:
     pretrained_weights: str = ""  # local .pth of torchvision densenet121 (ImageNet) or CheXNet
     positive_class: str = ""  # binary: the finding ("" : from the data set, see training.spec)
     calibration: str = "temperature"  # temperature (fitted on val after training) | none
+    gate: str = ""  # YAML promotion gate (training.gate): champion only if the version passes
     # optimisation
     recipe: str = ""  # "", "medmnist" or "chexnet": named presets (see training/recipes.py)
     epochs: int = 3
@@ -112,6 +113,8 @@ class TrainConfig:
         self.cache_dir = str(Path(self.cache_dir or default_cache_dir()).expanduser().resolve())
         if self.pretrained_weights:
             self.pretrained_weights = str(Path(self.pretrained_weights).expanduser().resolve())
+        if self.gate:
+            self.gate = str(Path(self.gate).expanduser().resolve())
         self.validate()
 
     def validate(self) -> None:

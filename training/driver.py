@@ -1,7 +1,7 @@
 """``medimg train``: an MLflow run around Ray Train, one test evaluation, registration.
 
-The operating threshold is chosen on the validation split; the test split is touched
-once, at the end, on the checkpoint with the best val AUC. The new version becomes the
+The temperature (calibration) and the operating threshold are fitted on the validation
+split; the test split is touched once, at the end, on the checkpoint with the best val AUC. The new version becomes the
 ``champion`` only if its val AUC beats the current one's. A failure closes the MLflow
 run with status FAILED; ``--resume`` continues it from its last checkpoint::
 
@@ -27,7 +27,7 @@ from training.console import announce_run_dir
 from training.data import DataOptions, check_data, open_split
 from training.errors import ConfigError, MedimgError, TrainingError
 from training.metrics import evaluate
-from training.model import ProbabilityHead, build_model, predict_proba
+from training.model import ProbabilityHead, build_model, predict_logits, probabilities
 from training.registry import ensure_experiment, log_and_register
 from training.spec import ModelSpec
 
@@ -60,6 +60,7 @@ class TrainOutcome:
     thresholds: list[float] = field(default_factory=list)
     clinical: dict[str, Any] = field(default_factory=dict)
     champion: str = ""  # the champion decision, as a sentence
+    calibration: dict[str, Any] = field(default_factory=dict)  # CalibrationReport.to_dict()
 
 
 @dataclass
@@ -179,6 +180,10 @@ def preflight(cfg: TrainConfig) -> ModelSpec:
     weights file. Returns the model spec."""
     spec = ModelSpec.for_config(cfg)
     check_data(DataOptions.from_config(cfg))
+    if cfg.gate:
+        from training.gate import Gate
+
+        Gate.load(cfg.gate)  # a bad gate file fails before training, not after
     if cfg.pretrained_weights:
         build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
     return spec
@@ -203,8 +208,9 @@ def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
 
 
 def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
-    """With an MLflow run active: choose the threshold on val, evaluate the best checkpoint
-    once on test, log metrics and plots, register the model, apply the champion rule."""
+    """With an MLflow run active: calibrate on val (temperature scaling), choose the
+    operating threshold on the calibrated val outputs, evaluate the best checkpoint once on
+    test, log metrics and plots, register the calibrated model, apply the champion rule."""
     import mlflow
 
     from training.champion import promote_if_better
@@ -224,29 +230,45 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
     model.load_state_dict(best.state)
     opts = DataOptions.from_config(cfg)
     size = dict(image_size=cfg.image_size, channels=spec.channels)
-
     val = open_split(opts, "val", **size)
-    val_probs = predict_proba(
-        model, val.model_input(spec.mean, spec.std), multi_label=spec.multi_label
-    )
-    thresholds = choose_thresholds(spec.task, val.labels, val_probs)
-
-    # The test split, touched once: the best checkpoint by val AUC, the threshold from val.
+    val_logits = predict_logits(model, val.model_input(spec.mean, spec.std))
+    # The test split, touched once: the best checkpoint by val AUC; temperature and
+    # threshold from val.
     test = open_split(opts, "test", **size)
-    probs = predict_proba(
-        model, test.model_input(spec.mean, spec.std), multi_label=spec.multi_label
-    )
+    test_logits = predict_logits(model, test.model_input(spec.mean, spec.std))
+    temperature, calibration = _calibrate(cfg, spec, val, val_logits, test, test_logits)
+
+    val_probs = probabilities(val_logits, multi_label=spec.multi_label, temperature=temperature)
+    positive = spec.positive_index
+    thresholds = choose_thresholds(spec.task, val.labels, val_probs, positive=positive)
+    probs = probabilities(test_logits, multi_label=spec.multi_label, temperature=temperature)
     scores = evaluate(spec.task, test.labels, probs)
     mlflow.log_metrics({"test_auc": scores["auc"], "test_acc": scores["acc"]})
     report = clinical_report(
-        spec.task, test.labels, probs, thresholds, spec.class_names, seed=cfg.seed
+        spec.task,
+        test.labels,
+        probs,
+        thresholds,
+        spec.class_names,
+        seed=cfg.seed,
+        positive=positive,
     )
     log_clinical_report(report)
     log_test_plots(spec, test.labels, probs, thresholds=thresholds)
-    served = ProbabilityHead(model, spec.multi_label).eval()
+    spec = spec.with_fields(
+        temperature=temperature,
+        thresholds=tuple(float(t) for t in np.atleast_1d(thresholds)),
+        review=_review_statistics(spec, val.labels, val_probs),
+    )
+    served = ProbabilityHead(model, spec.multi_label, temperature).eval()
     model_uri, version = log_and_register(served, spec, spec.model_name)
-    decision = promote_if_better(cfg.tracking_uri, spec.model_name, version)
-    log.info("%s", decision.message)
+    gate, passed = _apply_gate(cfg, f"models:/{spec.model_name}/{version}")
+    if passed:
+        champion = promote_if_better(cfg.tracking_uri, spec.model_name, version).message
+    else:
+        champion = f"version {version} did not pass the gate: the champion alias was not moved"
+    champion = "\n".join(filter(None, [gate, champion]))
+    log.info("%s", champion)
     return TrainOutcome(
         run_id=cfg.mlflow_run_id,
         model_name=spec.model_name,
@@ -259,5 +281,51 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
         spec=spec,
         thresholds=[float(t) for t in np.atleast_1d(thresholds)],
         clinical=report.to_dict(),
-        champion=decision.message,
+        champion=champion,
+        calibration=calibration,
     )
+
+
+def _apply_gate(cfg: TrainConfig, registered: str) -> tuple[str, bool]:
+    """(the gate's decision as printed, whether the version may become champion); without
+    ``cfg.gate``: ("", True). The decision and its numbers are logged to the run."""
+    if not cfg.gate:
+        return "", True
+    from training.gate import Gate, check_version
+
+    decision = check_version(Gate.load(cfg.gate), cfg.tracking_uri, registered)
+    return decision.message, decision.passed
+
+
+def _calibrate(cfg: TrainConfig, spec: ModelSpec, val, val_logits, test, test_logits):
+    """(temperature, report dict): fitted on val by NLL, reported before/after on test and
+    logged (metrics, tables, reliability diagram); ((), {}) with ``calibration="none"``."""
+    if cfg.calibration == "none":
+        mlflow_tag("calibration", "none")
+        return (), {}
+    from training.calibration import calibrate
+    from training.reliability import log_calibration, reliability_figure
+
+    temperature, report = calibrate(
+        spec.task, val_logits, val.labels, test_logits, test.labels, seed=cfg.seed
+    )
+    before = probabilities(test_logits, multi_label=spec.multi_label)
+    after = probabilities(test_logits, multi_label=spec.multi_label, temperature=temperature)
+    log_calibration(report, reliability_figure(spec.task, test.labels, before, after))
+    mlflow_tag("calibration", "temperature")
+    return tuple(float(t) for t in temperature), report.to_dict()
+
+
+def _review_statistics(spec: ModelSpec, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Learn-then-Test statistics of the calibrated val outputs (single-label tasks)."""
+    if spec.multi_label:
+        return {}
+    from training.review import review_statistics
+
+    return review_statistics(spec.task, labels, probs, spec.class_names)
+
+
+def mlflow_tag(key: str, value: str) -> None:
+    import mlflow
+
+    mlflow.set_tag(key, value)

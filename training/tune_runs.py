@@ -224,6 +224,7 @@ class TuneOutcome:
                 f"(MLflow run {self.best.run_id}, parent {self.parent_run_id})",
                 f"registered: {reg.model_name} version {reg.version}",
                 f"test AUC {reg.test['auc']:.4f}  ACC {reg.test['acc']:.4f}",
+                *([reg.calibration["markdown"]] if reg.calibration.get("markdown") else []),
                 reg.champion,
             ]
         )

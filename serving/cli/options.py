@@ -58,6 +58,27 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ),
     ("--model-name", "model_name", str, "registered/served name (default DATASET-densenet121)"),
     ("--seed", "seed", int, ""),
+    (
+        "--positive-class",
+        "positive_class",
+        str,
+        "binary tasks: the class that is the finding (default: from the data set; folder data "
+        "sets without a class named like normal/healthy/benign need it)",
+    ),
+    (
+        "--gate",
+        "gate",
+        str,
+        "YAML promotion gate (min_auc_ci_low, max_ece, max_subgroup_ratio): the new version "
+        "becomes champion only if it passes",
+    ),
+    (
+        "--calibration",
+        "calibration",
+        str,
+        "temperature (fitted on val by NLL; the exported model returns calibrated "
+        "probabilities) | none",
+    ),
     ("--workers", "workers", int, "Ray Train workers"),
     ("--cpus-per-worker", "cpus_per_worker", float, "0: share the cluster's CPUs"),
     ("--gpus-per-worker", "gpus_per_worker", float, "> 0 trains on GPUs"),

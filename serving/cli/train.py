@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}")
     if outcome.clinical.get("markdown"):
         print(outcome.clinical["markdown"])
+    if outcome.calibration.get("markdown"):
+        print(outcome.calibration["markdown"])
     print(outcome.champion)
     return 0
 

@@ -134,6 +134,29 @@ def test_publish_to_a_server_that_is_not_there(trained, medimg_cmd, tmp_path, fr
     assert not (Path(tmp_path) / "repo").exists()  # checked before the (long) export
 
 
+def test_publish_refuses_a_version_that_fails_the_gate(trained, medimg_cmd, tmp_path) -> None:
+    """``--gate``: the version's run is read, the decision printed and logged, and nothing
+    is written when it fails."""
+    cfg, outcome = trained
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("min_auc_ci_low: 0.9999\nmax_ece: 1.0\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri}
+    args = ["publish", "--model", f"{outcome.model_name}/{outcome.version}", "--gate", str(gate)]
+    args += ["--repository", str(tmp_path / "repo"), "--data-dir", cfg.data_dir]
+    result = subprocess.run(
+        [*medimg_cmd, *args], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "FAIL test AUROC 95% CI lower bound" in result.stdout
+    assert "ok   test ECE after calibration" in result.stdout
+    assert "did not pass the gate" in result.stderr
+    assert not (tmp_path / "repo").exists()
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(outcome.run_id).data.tags
+    assert tags["gate_decision"] == "failed" and tags["gate_source"] == str(gate)
+
+
 @pytest.mark.slow  # an export of its own (~1 min); the upload itself is in tests/integration/test_repository_s3.py
 def test_publish_to_s3(trained, medimg_cmd, moto_endpoint, tmp_path) -> None:
     """``--repository s3://...`` against a real S3-protocol server (moto) on loopback: the

@@ -52,6 +52,48 @@ def test_train_reports_checkpoint_and_registers(trained, tmp_path: Path) -> None
     assert list(scratch_of(cfg.storage_path).iterdir()) == []
 
 
+def test_train_calibrates_and_records_the_trust_fields(trained, tmp_path: Path) -> None:
+    """Temperature fitted on val, before/after on test logged with a reliability diagram,
+    the served model returns the calibrated probabilities, the spec carries the finding,
+    the temperature, the operating threshold and the review statistics; the gate decided."""
+    from training.registry import load_model
+
+    cfg, outcome = trained
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    for key in (
+        "test_ece_before",
+        "test_ece_after",
+        "test_brier_after",
+        "test_nll_after",
+        "temperature",
+    ):
+        assert key in run.data.metrics, key
+    names = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "calibration")}
+    assert {"reliability.png", "calibration.json", "calibration.md"} <= names
+    spec = outcome.spec
+    assert spec.positive_class == "pneumonia" and spec.positive_index == 1
+    assert len(spec.temperature) == 1 and spec.temperature[0] > 0
+    assert run.data.metrics["temperature"] == pytest.approx(spec.temperature[0])
+    assert spec.thresholds == tuple(outcome.thresholds) and len(spec.thresholds) == 1
+    assert spec.review and spec.review.get("n", 0) > 0
+    assert outcome.calibration["temperature"] == list(spec.temperature)
+    loaded = load_model(cfg.tracking_uri, f"models:/{outcome.model_name}/{outcome.version}")
+    assert loaded.spec == spec
+    import torch
+
+    from training.data import DataOptions, open_split
+
+    test = open_split(DataOptions.from_config(cfg), "test", image_size=cfg.image_size, channels=1)
+    with torch.no_grad():
+        served = loaded.module(torch.from_numpy(test.model_input(spec.mean, spec.std))).numpy()
+    np.testing.assert_allclose(served, outcome.test_probs, atol=1e-5)
+    assert run.data.tags["gate_decision"] == "passed"
+    assert (
+        client.get_model_version_by_alias(outcome.model_name, "champion").version == outcome.version
+    )
+
+
 def test_cli_train_console(medimg_cmd, cli_env, data_dir, tmp_path: Path) -> None:
     """`medimg train` prints its progress (off a terminal: one line per epoch) and its
     results; Ray's report lines and the libraries' output go to medimg.log in the run
