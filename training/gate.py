@@ -9,8 +9,8 @@ A gate is a small YAML (or JSON) file; every key is optional, unknown keys are a
                                   # within [1/x, x] (seismometer's fine band at 1.25)
 
 The numbers are read from the MLflow run that produced the version (``test_auc_ci_low``,
-``test_ece_after``) and its subgroup audit (``audit/audit.json``, written by
-``medimg audit`` or by training on a data set with cohort metadata). A number that is
+``test_ece_after``) and its subgroup audits (``audit/<dataset>/audit.json``, written
+by ``medimg audit``). A number that is
 missing fails its check, saying why: a gate never passes on evidence it did not see::
 
     python -c "from training.gate import Gate; print(Gate(min_auc_ci_low=0.9).check({'test_auc_ci_low': 0.93}).message)"
@@ -26,7 +26,7 @@ from typing import Any
 
 from training.errors import ConfigError
 
-AUDIT_ARTIFACT = "audit/audit.json"
+AUDIT_DIR = "audit"  # medimg audit logs audit/<dataset>/audit.json to the version's run
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,14 @@ class Gate:
 
 
 def subgroup_ratios(audit: dict):
-    """(cohort, ratio of its AUROC to the reference cohort's) for every uncensored cohort
-    with a finite ratio, from the audit JSON (``rows``: ``cohort``, ``ratios``: {metric: x})."""
+    """(cohort, ratio of its AUROC to its reference cohort's) for every uncensored cohort
+    with a finite ratio, from ``training.audit.AuditResult.to_dict()`` (``rows``:
+    ``attribute``, ``value``, ``censored``, ``ratios``: {metric: estimate})."""
     for row in audit.get("rows", []):
         ratio = (row.get("ratios") or {}).get("auc")
-        value = ratio.get("ratio") if isinstance(ratio, dict) else ratio
+        value = ratio.get("value") if isinstance(ratio, dict) else ratio
         if isinstance(value, int | float) and math.isfinite(value) and not row.get("censored"):
-            yield str(row.get("cohort", "?")), float(value)
+            yield f"{row.get('attribute', '?')}={row.get('value', '?')}", float(value)
 
 
 def _number(value: Any) -> float | None:
@@ -213,14 +214,27 @@ def check_version(gate: Gate, tracking_uri: str, model_uri: str) -> GateDecision
     return decision
 
 
-def run_evidence(tracking_uri: str, run_id: str) -> tuple[dict[str, float], dict | None]:
-    """(metrics, audit JSON or None) of an MLflow run."""
+def run_audits(tracking_uri: str, run_id: str) -> dict[str, dict]:
+    """{data set: audit JSON} of every ``audit/<dataset>/audit.json`` logged to a run."""
     import mlflow
     from mlflow import MlflowClient
 
+    client, audits = MlflowClient(tracking_uri=tracking_uri), {}
+    for folder in client.list_artifacts(run_id, AUDIT_DIR):
+        if folder.is_dir:
+            try:
+                text = mlflow.artifacts.load_text(f"runs:/{run_id}/{folder.path}/audit.json")
+            except Exception:  # a folder without an audit.json
+                continue
+            audits[folder.path.split("/")[-1]] = json.loads(text)
+    return audits
+
+
+def run_evidence(tracking_uri: str, run_id: str) -> tuple[dict[str, float], dict | None]:
+    """(metrics, the run's audits merged into one ``rows`` list, or None) of an MLflow run."""
+    from mlflow import MlflowClient
+
     metrics = dict(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.metrics)
-    try:
-        audit = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{AUDIT_ARTIFACT}"))
-    except Exception:  # no audit was logged for this run
-        audit = None
-    return metrics, audit
+    audits = run_audits(tracking_uri, run_id)
+    rows = [row for audit in audits.values() for row in audit.get("rows", [])]
+    return metrics, ({"rows": rows} if audits else None)

@@ -40,13 +40,18 @@ def test_subgroup_ratio(tmp_path):
     gate = Gate(max_subgroup_ratio=1.25)
     audit = {
         "rows": [
-            {"cohort": "sex=M", "ratios": {"auc": 1.0}},
-            {"cohort": "sex=F", "ratios": {"auc": 0.85}},
-            {"cohort": "age=0-19", "censored": True, "ratios": {"auc": 0.1}},
+            {"attribute": "sex", "value": "M", "ratios": {"auc": {"value": 1.0}}},
+            {"attribute": "sex", "value": "F", "ratios": {"auc": {"value": 0.85}}},
+            {
+                "attribute": "age_band",
+                "value": "0-19",
+                "censored": True,
+                "ratios": {"auc": {"value": 0.1}},
+            },
         ]
     }
     assert gate.check({}, audit).passed
-    audit["rows"][1]["ratios"]["auc"] = 0.7
+    audit["rows"][1]["ratios"]["auc"]["value"] = 0.7
     decision = gate.check({}, audit)
     assert not decision.passed and "0.700 (sex=F) outside" in decision.message
 
@@ -78,9 +83,8 @@ def test_decision_is_logged_and_evidence_read_back(tmp_path):
     )
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_metrics({"test_auc_ci_low": 0.95, "test_ece_after": 0.2})
-        mlflow.log_dict(
-            {"rows": [{"cohort": "view=PA", "ratios": {"auc": 1.0}}]}, "audit/audit.json"
-        )
+        row = {"attribute": "view", "value": "PA", "ratios": {"auc": {"value": 1.0}}}
+        mlflow.log_dict({"rows": [row]}, "audit/chestxray14/audit.json")
     metrics, audit = run_evidence(uri, run.info.run_id)
     decision = Gate(min_auc_ci_low=0.9, max_ece=0.1, max_subgroup_ratio=1.25).check(metrics, audit)
     assert [c.passed for c in decision.checks] == [True, False, True]
