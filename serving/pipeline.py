@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 AGREEMENT = 1e-3  # AUC / ACC through Triton against in process
 PROBABILITY_AGREEMENT = 1e-4  # each served (calibrated) probability against in process
+CARD_DIR = "model_card"  # the pipeline's model cards: model_card/<name>-v<version>/
 
 
 @dataclass
@@ -96,6 +97,32 @@ def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
     )
 
 
+def write_model_card(cfg: TrainConfig, outcome: TrainOutcome, examples: int = 2) -> Path:
+    """``model_card/<name>-v<version>/model_card.md`` (+ html, json, CAM examples), also
+    attached to the version in MLflow; returns the Markdown file."""
+    from serving.explain.card import card_examples
+    from training.card import gather_card
+    from training.card_render import attach_card, write_card
+
+    ref = f"{outcome.model_name}/{outcome.version}"
+    out = Path(CARD_DIR) / f"{outcome.model_name}-v{outcome.version}"
+    card = gather_card(cfg.tracking_uri, ref, cfg.data_dir)
+    params = {"data_dir": cfg.data_dir, "size": cfg.size, "val_fraction": cfg.val_fraction}
+    params["test_fraction"] = cfg.test_fraction
+    shown = card_examples(
+        cfg.tracking_uri,
+        outcome.model_name,
+        outcome.version,
+        out,
+        count=examples,
+        data_dir=cfg.data_dir,
+        params=params,
+    )
+    paths = write_card(card, out, shown)
+    attach_card(cfg.tracking_uri, card, out)
+    return paths[0]
+
+
 def calibration_line(calibration: dict) -> str:
     """One line: the temperature and test ECE / Brier / NLL before -> after."""
     before, after = calibration["before"], calibration["after"]
@@ -153,6 +180,9 @@ def run_pipeline(
         f"(ONNX parity max abs diff {exported.max_abs_diff:.2e})",
         flush=True,
     )
+    with quiet():
+        card = write_model_card(cfg, outcome)
+    print(f"model card: {card}", flush=True)
 
     def on_ready(running: TritonServer) -> None:
         served = evaluate_served(running, outcome, cfg)

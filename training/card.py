@@ -270,6 +270,11 @@ def gather_card(tracking_uri: str, model_ref: str, data_dir: str = "") -> dict[s
             "model": what,
             "run_id": mv.run_id,
             "recipe": params,
+            "config": {
+                k: config[k]
+                for k in ("data_dir", "size", "val_fraction", "test_fraction")
+                if k in config
+            },
             "temperature": list(spec.temperature),
             "thresholds": list(spec.thresholds),
             "per_class": clinical.get("per_class", {}),

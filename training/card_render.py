@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def sections(card: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]] | st
     ]
 
 
-def to_markdown(card: dict[str, Any], examples: list[str] = ()) -> str:
+def to_markdown(card: dict[str, Any], examples: Sequence[str] = ()) -> str:
     title = f"# Model card: {card['BasicInfo']['ModelName']} version {card['ReleaseInfo']['ReleaseVersion']}\n"
     out = [title, f"_{card['schema']}_\n"]
     for name, body in sections(card):
@@ -99,7 +100,7 @@ def to_markdown(card: dict[str, Any], examples: list[str] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_html(card: dict[str, Any], examples: list[str] = ()) -> str:
+def to_html(card: dict[str, Any], examples: Sequence[str] = ()) -> str:
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -127,7 +128,9 @@ def to_html(card: dict[str, Any], examples: list[str] = ()) -> str:
     return "\n".join([*parts, "</body></html>"]) + "\n"
 
 
-def write_card(card: dict[str, Any], out_dir: str | Path, examples: list[str] = ()) -> list[Path]:
+def write_card(
+    card: dict[str, Any], out_dir: str | Path, examples: Sequence[str] = ()
+) -> list[Path]:
     """``model_card.md``, ``.html`` and ``.json`` in ``out_dir``; ``examples``: image files
     in ``out_dir`` (relative names) shown in the card."""
     out = Path(out_dir)

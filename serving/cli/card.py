@@ -29,7 +29,17 @@ def cam_examples(tracking_uri: str, card: dict, args: argparse.Namespace) -> lis
     ``--out``; [] when the model or its data set offers none."""
     from serving.explain.card import card_examples
 
-    return card_examples(tracking_uri, card, args.out, count=args.examples, data_dir=args.data_dir)
+    name, version = card["BasicInfo"]["ModelName"], card["ReleaseInfo"]["ReleaseVersion"]
+    params = {**card["Medimg"].get("config", {}), **card["Medimg"]["recipe"]}
+    return card_examples(
+        tracking_uri,
+        name,
+        version,
+        args.out,
+        count=args.examples,
+        data_dir=args.data_dir,
+        params=params,
+    )
 
 
 def register(sub) -> None:

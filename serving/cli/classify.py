@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from serving.cli.options import add_client_options
 from serving.clients.commands import csv_text, dicom_ids_of, finish, prob_columns, run_client
 from serving.clients.contract import ModelContract
+from serving.explain.flagged import check_explain_dir, explain_files
 from serving.repository.layout import check_writable, write_atomic
 from training.errors import ConfigError
 from training.images import DICOM_IDS
@@ -111,6 +112,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     _probability(review_below, "--review-below")
     _probability(target, "--target-accuracy", open_interval=True)
     check_writable(Path(args.out).parent, f"--out {args.out}")
+    if args.explain:
+        check_explain_dir(args.explain)
     plan: LabelThresholds | None = None
 
     def check(contract: ModelContract) -> None:
@@ -177,7 +180,10 @@ def cmd_label(args: argparse.Namespace) -> int:
                 most = f"the most guaranteed for it is {best:.4f}" if best else "nothing is"
                 print(f"  predicted {name}: always reviewed ({most})")
         print(f"  guarantee: {info['guarantee']}")
-    return finish(run.errors, run.total)
+    errors = list(run.errors)
+    if args.explain:
+        errors += explain_files(args, run, [r[0] for r in rows if r[3] == "true"])
+    return finish(errors, run.total)
 
 
 def _finding(name: str, class_names: Sequence[str], model: str) -> str:
@@ -226,6 +232,8 @@ def cmd_triage(args: argparse.Namespace) -> int:
 
     if args.out:
         check_writable(Path(args.out).parent, f"--out {args.out}")
+    if args.explain:
+        check_explain_dir(args.explain)
     run = run_client(args, "triage", check)
     ranked = sorted(run.ok, key=lambda p: (-p.probabilities[finding], p.file))
     if args.top:
@@ -259,7 +267,10 @@ def cmd_triage(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         for line in summary:
             print(line, file=sys.stderr)
-    return finish(run.errors, run.total)
+    errors = list(run.errors)
+    if args.explain:
+        errors += explain_files(args, run, [str(r[1]) for r in rows])
+    return finish(errors, run.total)
 
 
 def _triage_info(plan: TriageThresholds, buckets: Counter[str]) -> dict:
@@ -310,6 +321,9 @@ def register(sub) -> None:
     p = sub.add_parser("label", help="auto-label unlabelled images into a CSV (with review flags)")
     add_client_options(p)
     p.add_argument("--out", required=True, help="labels CSV to write (e.g. labels.csv)")
+    p.add_argument(
+        "--explain", default="", help="write the CAM overlay of every flagged image into DIR"
+    )
     cut = p.add_mutually_exclusive_group()
     cut.add_argument(
         "--review-below",
@@ -336,6 +350,9 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="", help="worklist CSV (default: print it)")
     p.add_argument("--top", type=int, default=0, help="keep the K most likely (0: all)")
+    p.add_argument(
+        "--explain", default="", help="write the CAM overlay of every study listed into DIR"
+    )
     p.add_argument(
         "--target-ppv",
         type=float,

@@ -82,6 +82,13 @@ class AsyncTritonClassifier(ClientBase):
         output = output or self.contract.spec.output_name
         return await self.perform(self._infer_call(model, input_name, array, output))
 
+    async def infer_outputs(
+        self, array: np.ndarray, outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """One request asking for ``outputs`` (e.g. ``("probabilities", "cam")``): BYTES
+        [n, 1] to the ensemble, FP32 (n, C, S, S) to the classifier; ``{name: array}``."""
+        return await self.perform(self._outputs_call(array, outputs))
+
     async def send(self, array: np.ndarray) -> np.ndarray:
         """One request: BYTES [n, 1] to the ensemble, FP32 (n, C, S, S) to the classifier."""
         return await self.infer_array(*self.contract.target(array), array)

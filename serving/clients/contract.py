@@ -96,6 +96,14 @@ class ModelContract:
     spec: ModelSpec
     max_batch_size: int
     accepts_bytes: bool  # an ensemble with the server-side preprocessing step
+    outputs: tuple[str, ...] = ()  # the outputs its config declares (() : not known)
+
+    @property
+    def cam_name(self) -> str:
+        """The class-activation-map output the served model declares; "" when it has none
+        (a model exported before the maps, or a config that does not declare it)."""
+        name = self.spec.cam_name
+        return name if name and (not self.outputs or name in self.outputs) else ""
 
     @classmethod
     def from_config(cls, model: str, config: dict, where: str = "") -> ModelContract:
@@ -113,6 +121,7 @@ class ModelContract:
             spec=ModelSpec.from_json(raw),
             max_batch_size=max(1, int(config.get("max_batch_size", 1))),
             accepts_bytes=config.get("platform") == "ensemble",
+            outputs=tuple(o.get("name", "") for o in config.get("output", [])),
         )
 
     def target(self, array: np.ndarray) -> tuple[str, str]:
@@ -150,16 +159,18 @@ def client_module(protocol: str, *, aio: bool = False) -> Any:
 
 
 def request_for(
-    mod: Any, protocol: str, input_name: str, array: np.ndarray, output: str
+    mod: Any, protocol: str, input_name: str, array: np.ndarray, output: str | Sequence[str]
 ) -> tuple[list, list]:
-    """``(inputs, outputs)`` for one infer call: binary tensors both ways over HTTP."""
+    """``(inputs, outputs)`` for one infer call asking for ``output`` (one name, or several):
+    binary tensors both ways over HTTP. Triton answers with the requested outputs only."""
     datatype = "BYTES" if array.dtype == np.object_ else "FP32"
     inp = mod.InferInput(input_name, list(array.shape), datatype)
+    names = [output] if isinstance(output, str) else list(output)
     if protocol == "http":
         inp.set_data_from_numpy(array, binary_data=True)
-        return [inp], [mod.InferRequestedOutput(output, binary_data=True)]
+        return [inp], [mod.InferRequestedOutput(n, binary_data=True) for n in names]
     inp.set_data_from_numpy(array)
-    return [inp], [mod.InferRequestedOutput(output)]
+    return [inp], [mod.InferRequestedOutput(n) for n in names]
 
 
 def bytes_batch(images: Sequence[bytes]) -> np.ndarray:

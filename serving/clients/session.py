@@ -89,6 +89,19 @@ def infer_call(
     return Call(f"inference on {model!r}", "infer", (model, inputs), {"outputs": outputs}, then)
 
 
+def outputs_call(
+    mod: Any, protocol: str, model: str, input_name: str, array: np.ndarray, outputs: Sequence[str]
+) -> Call:
+    """One inference request with one input, answering ``{name: array}`` for ``outputs``."""
+    inputs, requested = request_for(mod, protocol, input_name, array, outputs)
+    names = tuple(outputs)
+
+    def then(result: Any) -> dict[str, np.ndarray]:
+        return {name: result.as_numpy(name) for name in names}
+
+    return Call(f"inference on {model!r}", "infer", (model, inputs), {"outputs": requested}, then)
+
+
 def serving_error(message: str, exc: Exception) -> ServingError:
     """:class:`RequestRefused` when the server refused the input (HTTP 4xx, gRPC
     INVALID_ARGUMENT), else :class:`ServingError` (unreachable, timed out, server error)."""
@@ -267,6 +280,11 @@ class ClientBase:
 
     def _infer_call(self, model: str, input_name: str, array: np.ndarray, output: str) -> Call:
         return infer_call(self._mod, self.protocol, model, input_name, array, output)
+
+    def _outputs_call(self, array: np.ndarray, outputs: Sequence[str]) -> Call:
+        """One request for ``array`` (to the ensemble or its classifier, by dtype)."""
+        model, input_name = self.contract.target(array)
+        return outputs_call(self._mod, self.protocol, model, input_name, array, outputs)
 
     def _batch_size(self, batch_size: int) -> int:
         """Items per request: ``batch_size`` (0: the model's max), at most the max."""

@@ -96,6 +96,11 @@ class TritonClassifier(ClientBase):
         """One request: BYTES [n, 1] to the ensemble, FP32 (n, C, S, S) to the classifier."""
         return self._run(*self.contract.target(array), array)
 
+    def infer_outputs(self, array: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request asking for ``outputs`` (e.g. ``("probabilities", "cam")``): BYTES
+        [n, 1] to the ensemble, FP32 (n, C, S, S) to the classifier; ``{name: array}``."""
+        return self.perform(self._outputs_call(array, outputs))
+
     def classify_items(self, items: Sequence[Item], batch_size: int = 0) -> Iterator[Prediction]:
         """One :class:`Prediction` per item, in order; a bad item carries an error. Items go
         ``batch_size`` (default: the model's max) per request; a batch the server refuses

@@ -15,6 +15,11 @@ ReduceMean, Reshape, Gemm, Softmax) has a float16 CPU kernel in ONNX Runtime 1.3
 kept in float32. On CPU the float16 model is slower than float32 (measured 64 px, 2 threads:
 13 vs 7 ms at batch 1, 107 vs 65 ms at batch 16); it halves the file (29 -> 15 MB) and is
 meant for GPUs.
+
+A classifier exported with class activation maps keeps its second output ``cam`` (float32
+at the edge, float16 inside, like the probabilities: its 1 x 1 ``Conv`` has a float16
+kernel too). :func:`fp16_parity` holds the probabilities (the first output) to
+:data:`FP16_PARITY_ATOL`; the maps are logit-sized, not in [0, 1], and are not held to it.
 """
 
 from __future__ import annotations
@@ -100,8 +105,8 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 
 def fp16_parity(fp32_path: Path, fp16_path: Path, images: np.ndarray) -> float:
-    """Max abs difference between the outputs of the two models on ``images`` (float32
-    (N, C, H, W), run in batches of 32) with ONNX Runtime on CPU."""
+    """Max abs difference between the first outputs (the probabilities) of the two models
+    on ``images`` (float32 (N, C, H, W), run in batches of 32) with ONNX Runtime on CPU."""
     import onnxruntime as ort
 
     images = np.ascontiguousarray(images, dtype=np.float32)

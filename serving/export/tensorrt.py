@@ -234,7 +234,9 @@ def build_engine(
 
 def check_parity(plan_path: Path, onnx_path: Path, images: np.ndarray) -> tuple[float, float]:
     """Run ``images`` through the engine (TensorRT, GPU) and ONNX Runtime (CPU), in batches up
-    to the engine's max; return (top-1 agreement in [0, 1], max abs difference)."""
+    to the engine's max; return (top-1 agreement in [0, 1], max abs difference) of the
+    probabilities (the ONNX model's first output). Every other output (the class activation
+    maps) must match ONNX Runtime's by name and shape; its difference is logged."""
     require_gpu()
     import onnxruntime as ort
     import tensorrt as trt
@@ -250,33 +252,48 @@ def check_parity(plan_path: Path, onnx_path: Path, images: np.ndarray) -> tuple[
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ExportError(f"{plan_path}: expected one input and one output, got {names}")
-    (inp,), (out,) = inputs, outputs
-    if any(engine.get_tensor_dtype(n) != trt.DataType.FLOAT for n in names):
-        raise ExportError(f"{plan_path}: expected float32 input and output")
-    max_batch = _dims(engine.get_tensor_profile_shape(inp, 0)[2])[0]
-    context = engine.create_execution_context()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_input = session.get_inputs()[0].name
-    stream, agree, worst = torch.cuda.Stream(), 0, 0.0
+    onnx_outputs = [o.name for o in session.get_outputs()]
+    if len(inputs) != 1 or sorted(outputs) != sorted(onnx_outputs):
+        raise ExportError(
+            f"{plan_path}: expected one input and the outputs {onnx_outputs} of {onnx_path}, "
+            f"got {names}"
+        )
+    (inp,) = inputs
+    if any(engine.get_tensor_dtype(n) != trt.DataType.FLOAT for n in names):
+        raise ExportError(f"{plan_path}: expected float32 inputs and outputs")
+    max_batch = _dims(engine.get_tensor_profile_shape(inp, 0)[2])[0]
+    context = engine.create_execution_context()
+    stream, agree = torch.cuda.Stream(), 0
+    worst = dict.fromkeys(onnx_outputs, 0.0)
     for start in range(0, len(images), max_batch):
         chunk = images[start : start + max_batch]
         x = torch.from_numpy(chunk).cuda()
         if not context.set_input_shape(inp, trt.Dims(list(chunk.shape))):
             raise ExportError(f"{plan_path}: input shape {chunk.shape} outside the profile")
-        y = torch.empty(_dims(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
         context.set_tensor_address(inp, x.data_ptr())
-        context.set_tensor_address(out, y.data_ptr())
+        ys = {}
+        for out in onnx_outputs:
+            shape = _dims(context.get_tensor_shape(out))
+            ys[out] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            context.set_tensor_address(out, ys[out].data_ptr())
         stream.wait_stream(torch.cuda.current_stream())  # x is copied on the default stream
         if not context.execute_async_v3(stream.cuda_stream):
             raise ExportError(f"{plan_path}: execute_async_v3 failed: {errors}")
         stream.synchronize()
-        got = y.cpu().numpy()
-        expected = session.run(None, {onnx_input: chunk})[0]
-        if got.shape != expected.shape:
-            raise ExportError(f"{plan_path}: output {got.shape}, ONNX Runtime {expected.shape}")
-        agree += int(np.sum(got.argmax(axis=1) == expected.argmax(axis=1)))
-        diff = np.abs(got.astype(np.float64) - expected)  # NaN -> inf: max() would drop it
-        worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
-    return agree / len(images), worst
+        expected = dict(zip(onnx_outputs, session.run(None, {onnx_input: chunk}), strict=True))
+        for out in onnx_outputs:
+            got = ys[out].cpu().numpy()
+            if got.shape != expected[out].shape:
+                raise ExportError(
+                    f"{plan_path}: output {out!r} {got.shape}, ONNX Runtime {expected[out].shape}"
+                )
+            diff = np.abs(got.astype(np.float64) - expected[out])  # NaN -> inf: max() drops it
+            top = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+            worst[out] = max(worst[out], top)
+        probs, reference = ys[onnx_outputs[0]].cpu().numpy(), expected[onnx_outputs[0]]
+        agree += int(np.sum(probs.argmax(axis=1) == reference.argmax(axis=1)))
+    for out in onnx_outputs[1:]:
+        log.info("%s: output %r max abs diff %.3g against ONNX Runtime", plan_path, out, worst[out])
+    return agree / len(images), worst[onnx_outputs[0]]

@@ -5,7 +5,10 @@ plan) inside the model repository, on the GPU host that will serve it.
 ``onnxruntime_onnx`` with the TensorRT accelerator) and ``NAME_onnx/build_engine.sh``,
 the step that makes a standalone plan; run it where Triton runs, since a plan only
 loads on the GPU model and TensorRT version that built it. Without a GPU or the
-``tensorrt`` package it stops before writing anything and says which is missing::
+``tensorrt`` package it stops before writing anything and says which is missing. A
+classifier exported with class activation maps gives a plan with both outputs
+(``probabilities`` and ``cam``: the 1 x 1 convolution builds like any other layer);
+``NAME_trt`` declares both, like ``NAME_onnx``, and the parity check compares both::
 
     medimg build-engine --repository model_repository --model pneumoniamnist-densenet121 \\
         --data-dir ../shared/data --int8-images 512 --use-in-ensemble

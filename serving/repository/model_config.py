@@ -11,7 +11,8 @@ For a classifier NAME (``ModelSpec.model_name``) the repository holds:
 - ``NAME_preprocess``: Python backend, PNG/JPEG/DICOM bytes in, the float tensor out,
   with the training code's own decode/resize/normalise.
 - ``NAME``: the ensemble ``NAME_preprocess -> NAME_onnx`` (or ``NAME_trt``): bytes in,
-  ``probabilities`` out with ``label_filename`` for the classification extension.
+  ``probabilities`` out with ``label_filename`` for the classification extension; a spec
+  with a ``cam_name`` adds the class activation maps ``[K, -1, -1]`` (here and upstream).
 
 Try it::
 
@@ -226,18 +227,23 @@ def _batching(config: pb.ModelConfig, opts: RepositoryOptions | None) -> None:
     batching.max_queue_delay_microseconds = opts.max_queue_delay_us
 
 
-def _tensor_io(config: pb.ModelConfig, spec: ModelSpec, *, labels: bool) -> None:
-    config.input.add(
-        name=spec.input_name,
-        data_type=pb.TYPE_FP32,
-        dims=[spec.channels, spec.image_size, spec.image_size],
-    )
+def _tensor_io(config: pb.ModelConfig, spec: ModelSpec, *, labels: bool, inputs=True) -> None:
+    if inputs:  # the ensemble's is the encoded image
+        config.input.add(
+            name=spec.input_name,
+            data_type=pb.TYPE_FP32,
+            dims=[spec.channels, spec.image_size, spec.image_size],
+        )
     config.output.add(
         name=spec.output_name,
         data_type=pb.TYPE_FP32,
         dims=[spec.num_classes],
         label_filename=LABELS_FILE if labels else "",
     )
+    if spec.cam_name:  # (N, K, h, w): h, w the feature map's size
+        config.output.add(
+            name=spec.cam_name, data_type=pb.TYPE_FP32, dims=[spec.num_classes, -1, -1]
+        )
 
 
 def _zero_warmup(config: pb.ModelConfig, spec: ModelSpec) -> None:
@@ -329,18 +335,14 @@ def ensemble_config(
     config.version_policy.CopyFrom(parse_version_policy("latest:1"))  # its one version, 1/
     config.platform = "ensemble"
     config.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
-    config.output.add(
-        name=spec.output_name,
-        data_type=pb.TYPE_FP32,
-        dims=[spec.num_classes],
-        label_filename=LABELS_FILE,
-    )
+    _tensor_io(config, spec, labels=True, inputs=False)
     steps = config.ensemble_scheduling.step
     pre = steps.add(model_name=preprocess_name(spec), model_version=-1)
     pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
     pre.output_map[spec.input_name] = "preprocessed"
     cls = steps.add(model_name=classifier or classifier_name(spec), model_version=-1)
     cls.input_map[spec.input_name] = "preprocessed"
-    cls.output_map[spec.output_name] = spec.output_name
+    for output in config.output:
+        cls.output_map[output.name] = output.name
     config.parameters["medimg_classifier"].string_value = cls.model_name
     return config

@@ -4,7 +4,8 @@
 ``<repository>/<model>/<version>/model.py``; Triton's Python backend imports it
 there, so it may import only the standard library, numpy, onnxruntime and
 ``triton_python_backend_utils``. The model config supplies everything else:
-one input, one output, ``max_batch_size`` and the parameters ``onnx_file``,
+one input, its outputs (the probabilities, and the class activation maps of a model
+exported with them), ``max_batch_size`` and the parameters ``onnx_file``,
 ``intra_op_threads`` ("0" = this machine's cores divided by the model's instances, at least
 1) and ``borrow_idle_cores``. Try it through a server::
 
@@ -16,6 +17,12 @@ requests at once: the valid ones are concatenated into one ONNX Runtime run and
 the result is split back; an invalid one gets an ``INVALID_ARG`` error (HTTP
 400, gRPC INVALID_ARGUMENT) without failing its neighbours. Only a failure of ONNX
 Runtime itself on valid input is ``INTERNAL`` (500); no exception leaves ``execute``.
+
+Outputs: each request gets the declared outputs it asked for
+(``request.requested_output_names()``; all of them when it names none, or when that call
+is not there), and ONNX Runtime computes only the union the batch asked for, so a request
+for the probabilities alone does not pay for the maps. Triton itself returns only the
+outputs a client requested, whatever a model produces.
 
 Borrowing idle cores (``borrow_idle_cores: "1"``, with several instances of fewer threads
 than cores): each instance also holds a session over all the cores, and runs a batch on it
@@ -75,12 +82,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.model_name = config.get("name", args.get("model_name", "?"))
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        if len(config.get("input", [])) != 1 or len(config.get("output", [])) != 1:
+        if len(config.get("input", [])) != 1 or not config.get("output"):
             raise pb_utils.TritonModelException(
-                f"model {self.model_name}: config must declare exactly one input and one output"
+                f"model {self.model_name}: config must declare exactly one input and at least "
+                "one output"
             )
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.output_name = self.output_names[0]  # the probabilities
         self.dims = tuple(int(d) for d in config["input"][0]["dims"])
         self.max_batch_size = int(config.get("max_batch_size", 0))
         if self.max_batch_size < 1:
@@ -99,10 +108,10 @@ class TritonPythonModel:
         self.session = _session(path, threads, stop_spinning=threads > 1)
         onnx_inputs = [i.name for i in self.session.get_inputs()]
         onnx_outputs = [o.name for o in self.session.get_outputs()]
-        if self.input_name not in onnx_inputs or self.output_name not in onnx_outputs:
+        if self.input_name not in onnx_inputs or not set(self.output_names) <= set(onnx_outputs):
             raise pb_utils.TritonModelException(
-                f"model {self.model_name}: config names input {self.input_name!r} and output "
-                f"{self.output_name!r}, but {path} has inputs {onnx_inputs} and outputs {onnx_outputs}"
+                f"model {self.model_name}: config names input {self.input_name!r} and outputs "
+                f"{self.output_names}, but {path} has inputs {onnx_inputs} and outputs {onnx_outputs}"
             )
         self.wide, self._lock, self.wide_runs, self.runs = None, None, 0, 0
         if params.get("borrow_idle_cores") == "1" and instances > 1 and threads < cores:
@@ -135,6 +144,12 @@ class TritonPythonModel:
             return f"input {self.input_name!r}: expected shape {expected}, got batch of {shape[0]}"
         return None
 
+    def _requested(self, request) -> list[str]:
+        """The declared outputs ``request`` asked for, in declared order (all: none named)."""
+        ask = getattr(request, "requested_output_names", None)
+        names = set(ask()) if callable(ask) else set()
+        return [n for n in self.output_names if n in names] or list(self.output_names)
+
     def execute(self, requests):
         """One response per request, always: an exception escaping here would make Triton
         answer every request of the batch with 500."""
@@ -166,16 +181,21 @@ class TritonPythonModel:
             return responses
 
         try:
+            asked = {index: self._requested(requests[index]) for index, _ in valid}
+            names = [n for n in self.output_names if any(n in a for a in asked.values())]
             batch = valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid])
-            result = self._run(batch)
-            if result.shape[0] != batch.shape[0]:
-                raise RuntimeError(f"{batch.shape[0]} inputs gave {result.shape[0]} outputs")
-            result = np.ascontiguousarray(result, dtype=np.float32)
+            results = {}
+            for name, result in zip(names, self._run(batch, names), strict=True):
+                if result.shape[0] != batch.shape[0]:
+                    raise RuntimeError(
+                        f"{batch.shape[0]} inputs gave {result.shape[0]} rows of {name!r}"
+                    )
+                results[name] = np.ascontiguousarray(result, dtype=np.float32)
             start = 0
             for index, array in valid:
                 stop = start + array.shape[0]
-                output = pb_utils.Tensor(self.output_name, result[start:stop])
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[output])
+                outputs = [pb_utils.Tensor(n, results[n][start:stop]) for n in asked[index]]
+                responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
                 start = stop
         except Exception as exc:
             message = f"model {self.model_name}: onnxruntime failed: {type(exc).__name__}: {exc}"
@@ -183,12 +203,13 @@ class TritonPythonModel:
                 responses[index] = _error(message, invalid_argument=False)
         return responses
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """ONNX Runtime on ``batch``: over every core when no other instance is running
-        (the exclusive lock, never waited for), else over this instance's share."""
+    def _run(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The outputs ``names`` of ONNX Runtime on ``batch``: over every core when no other
+        instance is running (the exclusive lock, never waited for), else over this
+        instance's share."""
         self.runs += 1
         if self.wide is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run(names, {self.input_name: batch})
         try:
             fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             session = self.wide
@@ -197,7 +218,7 @@ class TritonPythonModel:
             fcntl.lockf(self._lock, fcntl.LOCK_SH)
             session = self.session
         try:
-            return session.run([self.output_name], {self.input_name: batch})[0]
+            return session.run(names, {self.input_name: batch})
         finally:
             fcntl.lockf(self._lock, fcntl.LOCK_UN)
 

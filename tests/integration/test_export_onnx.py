@@ -1,4 +1,5 @@
-"""ONNX export of the trained model: checker, dynamic batch, parity, the Triton config."""
+"""ONNX export of the trained model: checker, dynamic batch, parity of both outputs
+(probabilities and class activation maps), the Triton config."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2
 
-from serving.export.onnx import PARITY_ATOL, parity, parity_images
+from serving.export.onnx import (
+    CAM_PARITY_ATOL,
+    PARITY_ATOL,
+    parity,
+    parity_by_output,
+    parity_images,
+)
 from serving.repository.layout import read_config, spec_from_config
 from tests.fixtures.pipeline import scratch_of
+from training.cam import CamHead
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,13 +32,15 @@ def test_onnx_is_valid_with_dynamic_batch(exported) -> None:
     onnx.checker.check_model(model)
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # symbolic batch axis
+    assert [o.name for o in model.graph.output] == ["probabilities", "cam"]
     session = ort.InferenceSession(str(report.onnx_path), providers=["CPUExecutionProvider"])
     spec = loaded.spec
+    side = spec.image_size // 32  # DenseNet-121's last feature map
     for n in (1, 5, 32):
-        out = session.run(
+        out, cam = session.run(
             None, {"input": np.zeros((n, 1, spec.image_size, spec.image_size), np.float32)}
-        )[0]
-        assert out.shape == (n, 2)
+        )
+        assert out.shape == (n, 2) and cam.shape == (n, 2, side, side)
 
 
 def test_parity_with_pytorch_on_real_images(exported, data_dir) -> None:
@@ -39,6 +49,10 @@ def test_parity_with_pytorch_on_real_images(exported, data_dir) -> None:
     assert report.max_abs_diff <= PARITY_ATOL
     images = parity_images(loaded.spec, str(data_dir), 16)
     assert parity(loaded.module, report.onnx_path, images, (16,)) <= PARITY_ATOL
+    head = CamHead.from_head(loaded.module)
+    probs_diff, cam_diff = parity_by_output(head, report.onnx_path, images, (1, 16))
+    assert probs_diff <= PARITY_ATOL and cam_diff <= CAM_PARITY_ATOL
+    print(f"\nONNX parity on 16 real images: probabilities {probs_diff:.2e}, maps {cam_diff:.2e}")
 
 
 def test_parity_catches_a_different_model(exported, data_dir) -> None:
@@ -62,11 +76,16 @@ def test_configs_parse_back(exported) -> None:
     assert config.max_batch_size >= 32 and config.HasField("dynamic_batching")
     assert list(config.input[0].dims) == [1, loaded.spec.image_size, loaded.spec.image_size]
     assert list(config.output[0].dims) == [2] and config.output[0].label_filename == "labels.txt"
-    assert spec_from_config(config) == loaded.spec
+    assert spec_from_config(config) == loaded.spec.with_fields(cam_name="cam")
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("probabilities", [2]),
+        ("cam", [2, -1, -1]),
+    ]
     assert (report.models.classifier / str(report.version) / "model.py").exists()
     ensemble = read_config(report.model_dir)
     assert (ensemble.name, ensemble.platform) == ("pneumoniamnist-densenet121", "ensemble")
-    assert spec_from_config(ensemble) == loaded.spec
+    assert spec_from_config(ensemble) == loaded.spec.with_fields(cam_name="cam")
+    assert [o.name for o in ensemble.output] == ["probabilities", "cam"]
     assert (report.model_dir / "labels.txt").read_text().split() == ["normal", "pneumonia"]
     preprocess = read_config(report.models.preprocess)
     assert list(preprocess.output[0].dims) == list(config.input[0].dims)

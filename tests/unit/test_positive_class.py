@@ -90,6 +90,6 @@ def test_metrics_are_about_the_finding():
 def test_plots_use_the_finding():
     labels, probs = _scores()
     fig = roc_figure(labels, probs, ("malignant", "benign"), thresholds=[0.5], positive=0)
-    assert [line.get_label() for line in fig.axes[0].get_lines()][0].startswith("malignant")
+    assert fig.axes[0].get_lines()[0].get_label().startswith("malignant")
     fig = confusion_figure(labels, probs, ("malignant", "benign"), 0.5, positive=0)
     assert "P(malignant)" in fig.axes[0].get_title()
