@@ -161,11 +161,11 @@ def gather_card(tracking_uri: str, model_ref: str, data_dir: str = "") -> dict[s
     spec = load_model(tracking_uri, uri).spec
     params, metrics = dict(run.data.params), dict(run.data.metrics)
     found = {key: _artifact(mv.run_id, path) for key, path in ARTIFACTS.items()}
-    clinical, calibration, audit = (
-        found["clinical"] or {},
-        found["calibration"] or {},
-        found["audit"],
-    )
+    from training.gate import run_audits
+
+    audits = run_audits(tracking_uri, mv.run_id)
+    audit = audits.get(spec.dataset) or next(iter(audits.values()), None)
+    clinical, calibration = found["clinical"] or {}, found["calibration"] or {}
     overall = clinical.get("overall", {})
     finding = spec.finding or "each class (one-vs-rest, macro)"
     config = found["config"] or {}

@@ -41,8 +41,11 @@ from serving.perf.comparison.paths import (
 from serving.perf.perf_analyzer import locate, pa_level, write_input
 
 TICK = os.sysconf("SC_CLK_TCK")
-RUN_ANCHOR = "    def _run(self, batch: np.ndarray) -> np.ndarray:\n"
-ZERO_WORK = "        return np.zeros((len(batch), {classes}), np.float32)  # zero-work copy\n"
+RUN_ANCHOR = "    def _run(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:\n"
+ZERO_WORK = (  # the requested outputs as zeros: probabilities (N, K), a 1 x 1 class activation map
+    "        return [np.zeros((len(batch), {classes}) + ((1, 1) if n == 'cam' else ()), np.float32)"
+    " for n in names]  # zero-work copy\n"
+)
 
 
 @dataclass(frozen=True)
