@@ -80,14 +80,19 @@ def label_file(data_dir: str | Path) -> Path:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _read(path: Path, mtime_ns: int) -> Entries:
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """Every row of a CSV file (``.gz`` too, a UTF-8 BOM dropped); unreadable: DataError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
+            return list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: Path, mtime_ns: int) -> Entries:
+    rows = read_csv_rows(path)
     header = [h.strip() for h in rows[0]] if rows else []
     missing = [c for c in REQUIRED if c not in header]
     if missing:

@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import os
 import re
@@ -84,12 +82,7 @@ def age_band(age: str) -> str:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
+    rows = chestxray14.read_csv_rows(path)
     if not rows:
         raise DataError(f"{path}: empty (expected a header row)")
     header = [h.strip() for h in rows[0]]

@@ -300,8 +300,10 @@ def _apply_gate(cfg: TrainConfig, registered: str) -> tuple[str, bool]:
 def _calibrate(cfg: TrainConfig, spec: ModelSpec, val, val_logits, test, test_logits):
     """(temperature, report dict): fitted on val by NLL, reported before/after on test and
     logged (metrics, tables, reliability diagram); ((), {}) with ``calibration="none"``."""
+    import mlflow
+
     if cfg.calibration == "none":
-        mlflow_tag("calibration", "none")
+        mlflow.set_tag("calibration", "none")
         return (), {}
     from training.calibration import calibrate
     from training.reliability import log_calibration, reliability_figure
@@ -312,7 +314,7 @@ def _calibrate(cfg: TrainConfig, spec: ModelSpec, val, val_logits, test, test_lo
     before = probabilities(test_logits, multi_label=spec.multi_label)
     after = probabilities(test_logits, multi_label=spec.multi_label, temperature=temperature)
     log_calibration(report, reliability_figure(spec.task, test.labels, before, after))
-    mlflow_tag("calibration", "temperature")
+    mlflow.set_tag("calibration", "temperature")
     return tuple(float(t) for t in temperature), report.to_dict()
 
 
@@ -323,9 +325,3 @@ def _review_statistics(spec: ModelSpec, labels: np.ndarray, probs: np.ndarray) -
     from training.review import review_statistics
 
     return review_statistics(spec.task, labels, probs, spec.class_names)
-
-
-def mlflow_tag(key: str, value: str) -> None:
-    import mlflow
-
-    mlflow.set_tag(key, value)
