@@ -74,6 +74,7 @@ class TrainConfig:
     positive_class: str = ""  # binary: the finding ("" : from the data set, see training.spec)
     calibration: str = "temperature"  # temperature (fitted on val after training) | none
     gate: str = ""  # YAML promotion gate (training.gate): champion only if the version passes
+    cohorts: str = ""  # cohort CSV: the test split is audited per cohort (training.audit_run)
     # optimisation
     recipe: str = ""  # "", "medmnist" or "chexnet": named presets (see training/recipes.py)
     epochs: int = 3
@@ -115,6 +116,8 @@ class TrainConfig:
             self.pretrained_weights = str(Path(self.pretrained_weights).expanduser().resolve())
         if self.gate:
             self.gate = str(Path(self.gate).expanduser().resolve())
+        if self.cohorts:
+            self.cohorts = str(Path(self.cohorts).expanduser().resolve())
         self.validate()
 
     def validate(self) -> None:

@@ -7,17 +7,17 @@ run with status FAILED; ``--resume`` continues it from its last checkpoint::
 
     medimg train --dataset pneumoniamnist --epochs 3
     medimg train --resume <MLflow run id | Ray run directory | checkpoint directory>
+
+(what ``--resume`` accepts: ``training.resume``)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,13 +29,13 @@ from training.errors import ConfigError, MedimgError, TrainingError
 from training.metrics import evaluate
 from training.model import ProbabilityHead, build_model, predict_logits, probabilities
 from training.registry import ensure_experiment, log_and_register
+from training.resume import CONFIG_ARTIFACT, ResumeTarget
 from training.spec import ModelSpec
 
 if TYPE_CHECKING:
     from training.ray_trainer import Best
 
 log = logging.getLogger(__name__)
-CONFIG_ARTIFACT = "config/train_config.json"
 NOT_LOGGED = {
     "mlflow_run_id",
     "tracking_uri",
@@ -63,72 +63,8 @@ class TrainOutcome:
     calibration: dict[str, Any] = field(default_factory=dict)  # CalibrationReport.to_dict()
 
 
-@dataclass
-class ResumeTarget:
-    mlflow_run_id: str  # "" starts a new MLflow run
-    ray_run_name: str
-    storage_path: str
-    checkpoint: str = ""  # a checkpoint directory to start a new Ray run from
-
-
 def new_ray_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def _logged_config(tracking_uri: str, run_id: str) -> dict[str, Any]:
-    import mlflow
-
-    try:
-        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{CONFIG_ARTIFACT}"))
-    except Exception as exc:
-        raise ConfigError(
-            f"resume: MLflow run {run_id} at {tracking_uri} has no {CONFIG_ARTIFACT} "
-            f"(was it started by medimg train?): {exc}"
-        ) from exc
-
-
-def resume_config(
-    tracking_uri: str, resume: str, overrides: dict[str, Any]
-) -> tuple[TrainConfig, ResumeTarget]:
-    """The config and the run to continue for ``--resume``: an MLflow run id of a medimg
-    training run, a Ray Train run directory, or a checkpoint directory (which starts a new
-    run from those weights and optimizer state). ``overrides`` (e.g. more epochs) win."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    path = Path(resume).expanduser()
-    if re.fullmatch(r"[0-9a-f]{32}", resume) and not path.exists():
-        try:
-            run = client.get_run(resume)
-        except Exception as exc:
-            raise ConfigError(f"resume: no MLflow run {resume} at {tracking_uri}: {exc}") from exc
-        base = _logged_config(tracking_uri, resume)
-        tags = run.data.tags
-        target = ResumeTarget(resume, tags["ray_run_name"], tags["ray_storage_path"])
-    elif (path / "model.pt").is_file() and (path / "train_state.pt").is_file():
-        base, target = {}, ResumeTarget("", "", "", checkpoint=str(path.resolve()))
-    elif path.is_dir() and any(path.glob("checkpoint_*")):
-        name, storage = path.resolve().name, str(path.resolve().parent)
-        runs = mlflow.search_runs(
-            search_all_experiments=True,
-            filter_string=f"tags.ray_run_name = '{name}'",
-            output_format="list",
-        )
-        base = _logged_config(tracking_uri, runs[0].info.run_id) if runs else {}
-        target = ResumeTarget(runs[0].info.run_id if runs else "", name, storage)
-    else:
-        raise ConfigError(
-            f"resume: {resume!r} is neither an MLflow run id, a Ray Train run directory "
-            "(with checkpoint_* folders) nor a checkpoint directory (model.pt + train_state.pt)"
-        )
-    values = {**base, **overrides, "tracking_uri": tracking_uri}
-    if target.checkpoint:
-        values["resume_from"] = target.checkpoint
-    if target.storage_path:
-        values["storage_path"] = target.storage_path
-    return TrainConfig.from_dict(values), target
 
 
 def train_and_register(cfg: TrainConfig, resume: ResumeTarget | None = None) -> TrainOutcome:
@@ -180,10 +116,17 @@ def preflight(cfg: TrainConfig) -> ModelSpec:
     weights file. Returns the model spec."""
     spec = ModelSpec.for_config(cfg)
     check_data(DataOptions.from_config(cfg))
-    if cfg.gate:
-        from training.gate import Gate
+    if _audit_required(cfg):  # a missing cohort row fails before training, not after
+        from training.audit_run import check_cohorts, has_cohorts
 
-        Gate.load(cfg.gate)  # a bad gate file fails before training, not after
+        if not has_cohorts(cfg.dataset, cfg.cohorts):
+            raise ConfigError(
+                f"gate {cfg.gate}: max_subgroup_ratio needs a subgroup audit of the test split "
+                f"and {cfg.dataset} has no cohort metadata of its own: pass --cohorts FILE.csv "
+                "(see docs/commands/audit.md), or drop the criterion and gate with "
+                "`medimg publish --gate` after `medimg audit`"
+            )
+        check_cohorts(DataOptions.from_config(cfg), cfg.cohorts)
     if cfg.pretrained_weights:
         build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
     return spec
@@ -260,6 +203,7 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
         thresholds=tuple(float(t) for t in np.atleast_1d(thresholds)),
         review=_review_statistics(spec, val.labels, val_probs),
     )
+    audited = _audit(cfg, spec, test, probs)
     served = ProbabilityHead(model, spec.multi_label, temperature).eval()
     model_uri, version = log_and_register(served, spec, spec.model_name)
     gate, passed = _apply_gate(cfg, f"models:/{spec.model_name}/{version}")
@@ -267,7 +211,7 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
         champion = promote_if_better(cfg.tracking_uri, spec.model_name, version).message
     else:
         champion = f"version {version} did not pass the gate: the champion alias was not moved"
-    champion = "\n".join(filter(None, [gate, champion]))
+    champion = "\n".join(filter(None, [audited, gate, champion]))
     log.info("%s", champion)
     return TrainOutcome(
         run_id=cfg.mlflow_run_id,
@@ -284,6 +228,37 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
         champion=champion,
         calibration=calibration,
     )
+
+
+def _audit_required(cfg: TrainConfig) -> bool:
+    """Whether the run must audit its test split: a cohort CSV was given or the gate
+    (loaded here: a bad gate file fails before training, not after) has a subgroup criterion."""
+    if not cfg.gate:
+        return bool(cfg.cohorts)
+    from training.gate import Gate
+
+    return bool(cfg.cohorts) or Gate.load(cfg.gate).max_subgroup_ratio is not None
+
+
+def _audit(cfg: TrainConfig, spec: ModelSpec, test, probs: np.ndarray) -> str:
+    """The subgroup audit of the test split, logged to the run, when the data set has cohorts
+    (a sentence for the summary, "" when none). ChestX-ray14's own metadata is audited
+    unasked; a failure there is a warning unless the audit was asked for."""
+    from training.audit_run import audit_in_run, has_cohorts
+
+    if not has_cohorts(cfg.dataset, cfg.cohorts):
+        return ""
+    try:
+        flagged = audit_in_run(cfg, spec, test, probs).get("flagged", [])
+    except MedimgError as exc:
+        if _audit_required(cfg):
+            raise
+        log.warning("subgroup audit skipped: %s", exc)
+        return ""
+    where = f"audit/{cfg.dataset}/"
+    if not flagged:
+        return f"subgroup audit: no cohort outside seismometer's fine band ({where})"
+    return f"subgroup audit: {len(flagged)} cohort metric(s) flagged, see {where}audit.md"
 
 
 def _apply_gate(cfg: TrainConfig, registered: str) -> tuple[str, bool]:

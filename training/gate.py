@@ -27,6 +27,7 @@ from typing import Any
 from training.errors import ConfigError
 
 AUDIT_DIR = "audit"  # medimg audit logs audit/<dataset>/audit.json to the version's run
+RATIO_METRIC = "auroc"  # the audit's name (training.audit.METRICS) of the ratio gated on
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def subgroup_ratios(audit: dict):
     with a finite ratio, from ``training.audit.AuditResult.to_dict()`` (``rows``:
     ``attribute``, ``value``, ``censored``, ``ratios``: {metric: estimate})."""
     for row in audit.get("rows", []):
-        ratio = (row.get("ratios") or {}).get("auc")
+        ratio = (row.get("ratios") or {}).get(RATIO_METRIC)
         value = ratio.get("value") if isinstance(ratio, dict) else ratio
         if isinstance(value, int | float) and math.isfinite(value) and not row.get("censored"):
             yield f"{row.get('attribute', '?')}={row.get('value', '?')}", float(value)

@@ -68,7 +68,8 @@ def open_child_run(ref: JobRef, cfg: TrainConfig, trial_id: str, trial_name: str
     created with the trial's params, its full config and where its Ray Train run lives."""
     from mlflow.entities import Param
 
-    from training.driver import CONFIG_ARTIFACT, NOT_LOGGED
+    from training.driver import NOT_LOGGED
+    from training.resume import CONFIG_ARTIFACT
 
     client = _client(ref)
     found = _children(ref, f"tags.{TRIAL_TAG} = '{trial_id}'")

@@ -93,23 +93,6 @@ def _check_dataset(dataset: str, data_dir: str, spec) -> None:
         )
 
 
-def _cohorts(opts, csv_path: str):
-    """The test split's files' cohorts (before decoding: a missing row fails fast), or None
-    for MedMNIST, whose cohorts are keyed by row once the split is open."""
-    from training import chestxray14, folder
-    from training.cohorts import chestxray14_cohorts, csv_cohorts
-
-    if opts.dataset not in ("folder", CXR14):
-        return None, None
-    module = chestxray14 if opts.dataset == CXR14 else folder
-    paths = module.split_files(opts.data_dir, "test", opts.val_fraction, opts.test_fraction).paths
-    found = chestxray14_cohorts(opts.data_dir, paths) if opts.dataset == CXR14 else None
-    if csv_path:
-        extra = csv_cohorts(csv_path, paths, opts.data_dir, by_name=opts.dataset == CXR14)
-        found = extra if found is None else found.merged(extra)
-    return found, paths
-
-
 def _predict(module, split, spec, batch_size: int, device: str) -> np.ndarray:
     """Calibrated probabilities (the loaded module returns them), in batches."""
     import torch
@@ -130,7 +113,7 @@ def _predict(module, split, spec, batch_size: int, device: str) -> np.ndarray:
 def cmd_audit(args: argparse.Namespace) -> int:
     from training.audit import audit
     from training.audit_report import log_audit, to_markdown, write_audit
-    from training.cohorts import csv_cohorts
+    from training.audit_run import file_cohorts, split_cohorts
     from training.config import default_tracking_uri
     from training.data import open_split
     from training.errors import ConfigError, RegistryError
@@ -150,18 +133,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     opts = _data_options(args, dataset, _logged_params(tracking_uri, run_id))
     _check_dataset(dataset, opts.data_dir, spec)
 
-    cohorts, paths = _cohorts(opts, args.cohorts)
+    found, paths = file_cohorts(opts, args.cohorts)  # a missing row fails before decoding
+    if found is None and args.max_samples:
+        raise ConfigError("audit: --max-samples with a MedMNIST data set would renumber rows")
     size, channels = spec.image_size, spec.channels
     split = open_split(
         opts, "test", image_size=size, channels=channels, max_samples=args.max_samples
     )
-    if cohorts is None:  # MedMNIST: keyed by row of the test split
-        if args.max_samples:
-            raise ConfigError("audit: --max-samples with a MedMNIST data set would renumber rows")
-        cohorts = csv_cohorts(args.cohorts, None, n=len(split))
-    elif split.paths is not None and paths is not None:
-        where = {p: i for i, p in enumerate(paths)}
-        cohorts = cohorts.take(np.array([where[p] for p in split.paths]))
+    cohorts = split_cohorts(split, args.cohorts, found, paths)
     probs = _predict(loaded.module, split, spec, args.batch_size, args.device)
     result = audit(
         spec.task,

@@ -73,6 +73,14 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
         "becomes champion only if it passes",
     ),
     (
+        "--cohorts",
+        "cohorts",
+        str,
+        "cohort CSV ('path' or MedMNIST 'index', optional 'patient_id', one column per "
+        "attribute): the test split is audited per cohort and logged (ChestX-ray14: always, "
+        "from its own metadata)",
+    ),
+    (
         "--calibration",
         "calibration",
         str,

@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with RunConsole("train", verbose=args.verbose) as console, console.quiet():
         if args.resume:
             from training.config import default_tracking_uri
-            from training.driver import resume_config
+            from training.resume import resume_config
 
             explicit = explicit_options(args)
             uri = explicit.pop("tracking_uri", "") or default_tracking_uri()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -36,24 +37,40 @@ def test_missing_evidence_fails(tmp_path):
     assert "not found in the run" in decision.message and "medimg audit" in decision.message
 
 
-def test_subgroup_ratio(tmp_path):
+def _audited(shift: float) -> dict:
+    """A real audit (training.audit) of scores whose separation in cohort F is ``shift``
+    times cohort M's, in the JSON form ``medimg audit`` writes."""
+    from training.audit import audit
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    sex = rng.choice(["M", "F"], n, p=[0.6, 0.4])
+    y = (rng.random(n) < 0.4).astype(int)
+    signal = np.where(sex == "M", 2.0, 2.0 * shift)
+    score = 1 / (1 + np.exp(-(signal * (y - 0.5) + rng.normal(0, 1, n))))
+    result = audit("binary-class", y[:, None], np.c_[1 - score, score], {"sex": sex}, n_boot=50)
+    return json.loads(json.dumps(result.to_dict()))
+
+
+def test_subgroup_ratio_of_a_real_audit():
     gate = Gate(max_subgroup_ratio=1.25)
-    audit = {
-        "rows": [
-            {"attribute": "sex", "value": "M", "ratios": {"auc": {"value": 1.0}}},
-            {"attribute": "sex", "value": "F", "ratios": {"auc": {"value": 0.85}}},
-            {
-                "attribute": "age_band",
-                "value": "0-19",
-                "censored": True,
-                "ratios": {"auc": {"value": 0.1}},
-            },
-        ]
-    }
-    assert gate.check({}, audit).passed
-    audit["rows"][1]["ratios"]["auc"]["value"] = 0.7
-    decision = gate.check({}, audit)
-    assert not decision.passed and "0.700 (sex=F) outside" in decision.message
+    fair = gate.check({}, _audited(1.0))
+    assert fair.passed, fair.message
+    assert fair.checks[0].value is not None and 0.8 <= fair.checks[0].value <= 1.25
+    unfair = gate.check({}, _audited(0.1))  # F's scores barely separate: AUROC near 0.5
+    assert not unfair.passed, unfair.message
+    assert "(sex=F) outside" in unfair.message and unfair.checks[0].value < 0.8
+
+
+def test_censored_cohorts_are_not_evidence():
+    audit = _audited(0.1)
+    for row in audit["rows"]:
+        if row["value"] == "F":
+            row["censored"] = True
+    decision = Gate(max_subgroup_ratio=1.25).check({}, audit)
+    # the only cohort compared with the reference is censored: no evidence, no pass
+    assert not decision.passed and "no subgroup audit with an uncensored cohort" in decision.message
+    assert "sex=F" not in decision.message
 
 
 @pytest.mark.parametrize(
@@ -83,8 +100,7 @@ def test_decision_is_logged_and_evidence_read_back(tmp_path):
     )
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_metrics({"test_auc_ci_low": 0.95, "test_ece_after": 0.2})
-        row = {"attribute": "view", "value": "PA", "ratios": {"auc": {"value": 1.0}}}
-        mlflow.log_dict({"rows": [row]}, "audit/chestxray14/audit.json")
+        mlflow.log_dict(_audited(1.0), "audit/chestxray14/audit.json")
     metrics, audit = run_evidence(uri, run.info.run_id)
     decision = Gate(min_auc_ci_low=0.9, max_ece=0.1, max_subgroup_ratio=1.25).check(metrics, audit)
     assert [c.passed for c in decision.checks] == [True, False, True]
