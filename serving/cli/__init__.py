@@ -22,7 +22,7 @@ from training.errors import MedimgError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.cli import audit, card, classify, explain, export, perf, serve, train
+    from serving.cli import audit, card, classify, explain, export, perf, serve, train, triage
 
     parser = argparse.ArgumentParser(
         prog="medimg",
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (train, export, serve, classify, explain, perf, card, audit):
+    for group in (train, export, serve, classify, triage, explain, perf, card, audit):
         group.register(sub)
     return parser
 

@@ -1,5 +1,6 @@
 """``label --explain DIR`` and ``triage --explain DIR``: the CAM overlay of every image
-flagged for review / every study on the worklist, through the same server::
+flagged for review (the map of its predicted class) / every study on the worklist (the
+map of the finding it was ranked by), through the same server::
 
     medimg label ../shared/data/pneumoniamnist.npz --split test --out labels.csv \
         --target-accuracy 0.95 --explain review/
@@ -8,13 +9,16 @@ flagged for review / every study on the worklist, through the same server::
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from serving.clients.commands import ClientRun
+from serving.clients.contract import ModelContract
+from serving.explain.maps import no_cam_message
 from serving.explain.overlay import write_overlays
 from serving.repository.layout import check_writable
+from training.errors import ServingError
 
 
 def check_explain_dir(directory: str) -> None:
@@ -23,8 +27,29 @@ def check_explain_dir(directory: str) -> None:
     check_writable(path if path.exists() else path.parent, f"--explain {directory}")
 
 
-def explain_files(args: Any, run: ClientRun, files: Sequence[str]) -> list[str]:
-    """Overlays of the items named ``files`` into ``args.explain``; returns the errors."""
+def needing_maps(
+    args: Any, check: Callable[[ModelContract], None] | None = None
+) -> Callable[[ModelContract], None] | None:
+    """``check`` (run on the model's contract before any image is sent) preceded, with
+    ``--explain``, by: the model returns class activation maps."""
+    if not args.explain:
+        return check
+
+    def both(contract: ModelContract) -> None:
+        if not contract.cam_name:
+            where = f" on {args.url}"
+            raise ServingError(f"--explain: {no_cam_message(contract.model, where)}; nothing sent")
+        if check is not None:
+            check(contract)
+
+    return both
+
+
+def explain_files(
+    args: Any, run: ClientRun, files: Sequence[str], class_name: str = ""
+) -> list[str]:
+    """Overlays of the items named ``files`` into ``args.explain``, of ``class_name``'s map
+    ("": each item's predicted class); returns the errors."""
     from serving.clients.sync import TritonClassifier
 
     by_name = {item.name: item for item in run.items}
@@ -39,7 +64,9 @@ def explain_files(args: Any, run: ClientRun, files: Sequence[str]) -> list[str]:
         args.timeout_s,
         client_preprocess=args.client_preprocess,
     ) as client:
-        explained = write_overlays(client, items, args.explain, batch_size=args.batch_size)
+        explained = write_overlays(
+            client, items, args.explain, class_name=class_name, batch_size=args.batch_size
+        )
     written = sum(1 for e in explained if e.path is not None)
     print(f"  overlays: {written} of {len(items)} into {args.explain}", file=sys.stderr)
     return [e.error for e in explained if e.error]

@@ -186,3 +186,52 @@ def test_explain_through_triton_equals_local_on_the_trained_densenet(
             assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["test0.cam.png", "test0.gradcam-features.denseblock3.png"]
+
+
+def test_label_and_triage_explain(server, folder, tmp_path, medimg_cmd):
+    """``label --explain`` draws every flagged image (its predicted class); ``triage
+    --explain`` every listed study with the map of the finding it was ranked by (the PNG
+    ``write_overlays`` draws for that class), also for studies predicted otherwise."""
+    items, _ = collect_items([folder])
+    with TritonClassifier(server.grpc_url, "grpc", MODEL) as client:
+        predicted = write_overlays(client, items, tmp_path / "predicted")
+        of_finding = write_overlays(client, items, tmp_path / "finding", class_name="normal")
+    assert len(predicted) == len(of_finding) == len(items)
+    common = ["--url", server.grpc_url, "--protocol", "grpc", "--model", MODEL]
+    labels, flagged_dir = tmp_path / "labels.csv", tmp_path / "flagged"
+    label = [*medimg_cmd, "label", str(folder), *common, "--out", str(labels)]
+    result = subprocess.run(
+        [*label, "--review-below", "0.999", "--explain", str(flagged_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr  # zz_bad.png cannot be read
+    flagged = [r.split(",")[0] for r in labels.read_text().splitlines()[1:] if ",true," in r]
+    assert flagged and sorted(p.name for p in flagged_dir.iterdir()) == sorted(
+        f"{Path(f).stem}.cam.png" for f in flagged
+    )
+    for f in flagged:
+        name = f"{Path(f).stem}.cam.png"
+        assert (flagged_dir / name).read_bytes() == (tmp_path / "predicted" / name).read_bytes()
+    old = [*medimg_cmd, "label", str(folder), "--url", server.grpc_url, "--protocol", "grpc"]
+    old += ["--model", OLD, "--out", str(tmp_path / "old.csv"), "--explain", str(tmp_path / "o")]
+    result = subprocess.run(old, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--explain: model 'old-model'" in result.stderr
+    assert "re-export" in result.stderr and not (tmp_path / "old.csv").exists()
+    worklist = tmp_path / "worklist"
+    triage = [*medimg_cmd, "triage", str(folder), *common, "--finding", "normal"]
+    result = subprocess.run(
+        [*triage, "--top", "4", "--explain", str(worklist)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    drawn = sorted(p.name for p in worklist.iterdir())
+    assert len(drawn) == 4
+    differs = 0
+    for name in drawn:
+        assert (worklist / name).read_bytes() == (tmp_path / "finding" / name).read_bytes()
+        differs += (worklist / name).read_bytes() != (tmp_path / "predicted" / name).read_bytes()
+    assert differs  # some listed study is predicted otherwise: its map is the finding's

@@ -328,7 +328,7 @@ def test_the_commands_refuse_multi_label_models_and_stray_flags(tmp_path, capsys
     """What ``medimg label`` and ``triage`` check before connecting, or from the served
     model's contract before any image is sent."""
     from serving.cli import main
-    from serving.cli.classify import _review_statistics
+    from serving.cli.guarantee import model_review_statistics as _review_statistics
     from serving.clients.contract import ModelContract
 
     spec = ModelSpec("chestxray14", "multi-label, binary-class", ("effusion", "edema"), 32, 1)
