@@ -96,6 +96,9 @@ class TrainConfig:
     use_gpu: bool = False  # set from gpus_per_worker / CUDA by resolve_resources
     ray_address: str = ""  # "", "auto", "ray://host:10001" or "host:6379"
     storage_path: str = "ray_results"
+    storage_endpoint: str = (
+        ""  # S3-compatible endpoint for an s3:// storage_path (training.storage)
+    )
     num_to_keep: int = 2  # checkpoints kept, best by val AUC
     max_failures: int = 0  # worker-group restarts from the last checkpoint
     # MLflow
@@ -153,6 +156,12 @@ class TrainConfig:
                 self.val_fraction + self.test_fraction,
             ),
             (0 <= self.aug_strength <= 1, "aug_strength", "between 0 and 1", self.aug_strength),
+            (
+                not self.storage_endpoint or self.storage_path.startswith("s3://"),
+                "storage_endpoint",
+                "only with an s3:// storage_path",
+                self.storage_endpoint,
+            ),
         ]
         choices = {
             "normalization": NORMALIZATIONS,

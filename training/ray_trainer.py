@@ -306,6 +306,8 @@ def build_trainer(cfg: TrainConfig, run_name: str, *, callbacks: list | None = N
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from training.storage import ray_storage
+
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker or 1.0
@@ -318,7 +320,7 @@ def build_trainer(cfg: TrainConfig, run_name: str, *, callbacks: list | None = N
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=cfg.storage_path,
+            **ray_storage(cfg.storage_path, cfg.storage_endpoint).kwargs(),
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(

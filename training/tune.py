@@ -25,6 +25,7 @@ from training.config import TrainConfig
 from training.console import announce_run_dir
 from training.errors import ConfigError, TrainingError
 from training.search_space import DEFAULT_AUGMENT, DEFAULT_SPACE, load_space, parse_space
+from training.storage import RayStorage, ray_storage
 from training.tune_runs import (
     ChildRuns,
     JobRef,
@@ -163,7 +164,7 @@ def _tuner(ref: JobRef, base: TrainConfig, space: dict, settings: TuneSettings):
         ),
         run_config=ray.tune.RunConfig(
             name=ref.name,
-            storage_path=base.storage_path,
+            **ray_storage(base.storage_path, base.storage_endpoint).kwargs(),
             callbacks=[ChildRuns(ref), TrialProgress(settings.samples)],
         ),
     )
@@ -214,21 +215,23 @@ def run_tune(base: TrainConfig, settings: TuneSettings) -> TuneOutcome:
         for key, value in params.items():
             client.log_param(ref.parent_run_id, key, value)
         state = {"ref": asdict(ref), "settings": asdict(settings), "base": base.to_dict()}
-        write_text(join(path, STATE_FILE), json.dumps(state, indent=2))
+        write_text(join(path, STATE_FILE), json.dumps(state, indent=2), base.storage_endpoint)
         log.info("tuning job %s; if stopped, continue with: medimg tune --resume %s", name, path)
         started = time.monotonic()
         results = _tuner(ref, base, space, settings).fit()
-        _check_complete(path, settings, time.monotonic() - started)
+        storage = ray_storage(path, base.storage_endpoint)
+        _check_complete(storage, settings, time.monotonic() - started)
         return _conclude(results, ref, path, client)
 
 
-def resume_tune(path: str) -> TuneOutcome:
-    """Continue an interrupted job from its Tune experiment folder; finished trials stay."""
+def resume_tune(path: str, endpoint: str = "") -> TuneOutcome:
+    """Continue an interrupted job from its Tune experiment folder; finished trials stay.
+    ``endpoint``: the S3-compatible endpoint of an ``s3://`` folder (``training.storage``)."""
     import ray.tune
 
     path = str(Path(path).expanduser().resolve()) if "://" not in path else path.rstrip("/")
     try:
-        state = json.loads(read_text(join(path, STATE_FILE)))
+        state = json.loads(read_text(join(path, STATE_FILE), endpoint))
     except (OSError, FileNotFoundError) as exc:
         raise ConfigError(
             f"resume: {path} is not a medimg tuning job folder (no {STATE_FILE}): {exc}"
@@ -240,21 +243,26 @@ def resume_tune(path: str) -> TuneOutcome:
         client.update_run(ref.parent_run_id, status="RUNNING")
         client.set_tag(ref.parent_run_id, "resumed_at", time.strftime("%Y-%m-%d %H:%M:%S"))
         _init_ray(base, settings.max_concurrent)
-        if not ray.tune.Tuner.can_restore(path):
+        storage = ray_storage(path, endpoint or base.storage_endpoint)
+        fs = storage.filesystem
+        if not ray.tune.Tuner.can_restore(storage.path, storage_filesystem=fs):
             raise ConfigError(f"resume: {path} holds no Tune experiment state to restore")
-        tuner = ray.tune.Tuner.restore(path, trainable=_trainable(ref), resume_errored=True)
+        tuner = ray.tune.Tuner.restore(
+            storage.path, trainable=_trainable(ref), resume_errored=True, storage_filesystem=fs
+        )
         started = time.monotonic()
         results = tuner.fit()
-        _check_complete(path, settings, time.monotonic() - started)
+        _check_complete(storage, settings, time.monotonic() - started)
         return _conclude(results, ref, path, client)
 
 
-def _check_complete(path: str, settings: TuneSettings, elapsed: float) -> None:
+def _check_complete(storage: RayStorage, settings: TuneSettings, elapsed: float) -> None:
     """Raise :class:`TuneInterrupted` when the saved experiment state (what ``--resume``
     continues) still has live trials, or fewer than asked for while time was left."""
     import ray.tune
 
-    saved = ray.tune.ExperimentAnalysis(path).trials
+    path = storage.path
+    saved = ray.tune.ExperimentAnalysis(path, storage_filesystem=storage.filesystem).trials
     live = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
     budget_spent = bool(settings.time_budget_s) and elapsed >= settings.time_budget_s
     if live or (len(saved) < settings.samples and not budget_spent):

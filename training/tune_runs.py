@@ -279,18 +279,18 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def write_text(path: str, text: str) -> None:
-    import pyarrow.fs
+def write_text(path: str, text: str, endpoint: str = "") -> None:
+    from training.storage import resolve
 
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    fs, fs_path = resolve(path, endpoint)
     fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(fs_path) as out:
         out.write(text.encode())
 
 
-def read_text(path: str) -> str:
-    import pyarrow.fs
+def read_text(path: str, endpoint: str = "") -> str:
+    from training.storage import resolve
 
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    fs, fs_path = resolve(path, endpoint)
     with fs.open_input_stream(fs_path) as stream:
         return stream.readall().decode()

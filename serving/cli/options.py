@@ -92,6 +92,13 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--gpus-per-worker", "gpus_per_worker", float, "> 0 trains on GPUs"),
     ("--ray-address", "ray_address", str, "join a cluster: auto, HOST:PORT or ray://HOST:10001"),
     ("--storage-path", "storage_path", str, "Ray checkpoints (shared storage on a cluster)"),
+    (
+        "--storage-endpoint",
+        "storage_endpoint",
+        str,
+        "S3-compatible endpoint URL for an s3:// --storage-path (default $MEDIMG_S3_ENDPOINT, "
+        "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL; none: AWS)",
+    ),
     ("--num-to-keep", "num_to_keep", int, "checkpoints kept, best by val AUC"),
     (
         "--max-failures",

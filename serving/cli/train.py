@@ -61,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from training.tune import TuneSettings, resume_tune, run_tune
 
     if args.resume:
-        ignored = sorted(explicit_options(args))
+        ignored = sorted(set(explicit_options(args)) - {"storage_endpoint"})
         if ignored:
             from training.errors import ConfigError
 
@@ -70,7 +70,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             )
     with RunConsole("tune", verbose=args.verbose) as console, console.quiet():
         if args.resume:
-            outcome = resume_tune(args.resume)
+            outcome = resume_tune(args.resume, getattr(args, "storage_endpoint", None) or "")
         else:
             settings = TuneSettings(
                 samples=args.samples,
