@@ -21,7 +21,10 @@ next version, and onto a running server with no downtime.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +99,8 @@ def publish(
 
         client = s3.s3_client(s3_endpoint)
         version = s3.next_remote_version(client, repository, names[:2])
+        note = f"{what} from {socket.gethostname()} pid {os.getpid()} at {time.ctime()}"
+        s3.claim_version(client, repository, names[1], version, note)  # before the export
         with tempfile.TemporaryDirectory(prefix="medimg-publish-") as tmp:
             report = export_model(
                 loaded, Path(tmp), data_dir=data_dir, options=options, version=version

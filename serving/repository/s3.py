@@ -26,6 +26,9 @@ from typing import Any
 from training.errors import ConfigError, ServingError
 
 __all__ = [
+    "VersionTaken",
+    "claim_version",
+    "claimed_versions",
     "download_repository",
     "next_remote_version",
     "parse_s3_url",
@@ -35,11 +38,16 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.pbtxt"
+CLAIM = ".medimg-version-{}.claim"  # a file in the model directory; Triton reads directories
 ENDPOINT_ENV = "MEDIMG_S3_ENDPOINT"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 # Triton ignores version directories that are not numeric or that start with 0
 # (docs/user_guide/model_repository.md, "Model Versions").
 _VERSION = re.compile(r"[1-9][0-9]*")
+
+
+class VersionTaken(ServingError):
+    """Another publish claimed the version first."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -137,10 +145,56 @@ def remote_versions(client: Any, url: str, model: str) -> list[int]:
     return sorted(int(n) for n in names if _VERSION.fullmatch(n))
 
 
+def claimed_versions(client: Any, url: str, model: str) -> list[int]:
+    """Sorted version numbers claimed for ``model`` (:func:`claim_version`), published or not."""
+    bucket, prefix = parse_s3_url(url)
+    base = _join(prefix, model) + "/"
+    head, tail = CLAIM.split("{}")
+    found = []
+    for page in _list(client, bucket, base + head, "/"):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(base) :]
+            number = name[len(head) : len(name) - len(tail)]
+            if name.startswith(head) and name.endswith(tail) and _VERSION.fullmatch(number):
+                found.append(int(number))
+    return sorted(found)
+
+
 def next_remote_version(client: Any, url: str, models: str | Iterable[str]) -> int:
-    """One past the highest remote version of any of ``models`` (1 if none has one)."""
+    """One past the highest version of any of ``models`` the bucket holds or that a publish
+    claimed (1 if none): a claim left by a publish that died is skipped, never reused."""
     names = [models] if isinstance(models, str) else list(models)
-    return max((v for m in names for v in remote_versions(client, url, m)), default=0) + 1
+    taken = [v for m in names for v in remote_versions(client, url, m)]
+    taken += [v for m in names for v in claimed_versions(client, url, m)]
+    return max(taken, default=0) + 1
+
+
+def claim_version(client: Any, url: str, model: str, version: int, note: str = "") -> str:
+    """Claim ``version`` of ``model`` before writing it: a conditional write
+    (``If-None-Match: *``) of ``<model>/.medimg-version-<N>.claim`` that only one of two
+    racing publishes can make; the other gets a :class:`VersionTaken`. Returns the key.
+
+    A file beside the version directories, which Triton ignores. Stores that ignore the
+    condition (S3 before August 2024 did; MinIO and moto honour it) let both writes
+    succeed: there the claim cannot stop a race (docs/commands/publish.md)."""
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = parse_s3_url(url)
+    key = _join(prefix, model, CLAIM.format(version))
+    try:
+        with _s3_errors(client, f"claim s3://{bucket}/{key}"):
+            client.put_object(Bucket=bucket, Key=key, Body=note.encode(), IfNoneMatch="*")
+    except ServingError as exc:
+        cause = exc.__cause__
+        status = getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(cause, ClientError) and status in (409, 412):
+            raise VersionTaken(
+                f"version {version} of {model} at {url} was claimed by another publish "
+                f"(s3://{bucket}/{key} exists); nothing was written: publish again for the "
+                "next version"
+            ) from cause
+        raise
+    return key
 
 
 def _files(root: Path) -> list[Path]:

@@ -207,6 +207,7 @@ def test_publish_to_s3(trained, medimg_cmd, moto_endpoint, tmp_path) -> None:
         for model in (name, f"{name}_onnx", f"{name}_preprocess"):
             assert spec_from_config(read_config(local / model)).model_name == name
         assert s3.next_remote_version(client, url, [f"{name}_onnx", f"{name}_preprocess"]) == 2
+        assert s3.claimed_versions(client, url, f"{name}_onnx") == [1]  # claimed, then written
     finally:
         for key in creds:
             os.environ.pop(key, None)

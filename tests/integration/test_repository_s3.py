@@ -256,3 +256,42 @@ def test_endpoint_from_environment(moto_endpoint: str, monkeypatch: pytest.Monke
     client = s3_client()
     assert client.meta.endpoint_url == moto_endpoint
     assert isinstance(client.list_buckets()["Buckets"], list)
+
+
+def test_racing_publishes_claim_a_version_once(
+    moto_endpoint: str, bucket_url: str, local_repo: Path
+) -> None:
+    """Two publishers list the bucket at the same moment (both see version 1 free) and
+    race: the conditional write lets exactly one claim it; the other is told, by name, and
+    writes nothing. A claim whose publish never uploaded is skipped, not reused."""
+    import threading
+
+    from serving.repository.s3 import VersionTaken, claim_version, claimed_versions
+
+    barrier, results = threading.Barrier(2), {}
+
+    def publisher(name: str) -> None:
+        client = s3_client(moto_endpoint, max_attempts=1)
+        version = next_remote_version(client, bucket_url, [PRE, ONNX])
+        barrier.wait()  # both have listed before either claims
+        try:
+            claim_version(client, bucket_url, ONNX, version, note=name)
+            results[name] = upload_model_set(local_repo, MODELS, version, bucket_url, client)
+        except VersionTaken as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    lost = [r for r in results.values() if isinstance(r, VersionTaken)]
+    won = [r for r in results.values() if isinstance(r, list)]
+    assert len(lost) == 1 and len(won) == 1, results
+    assert "version 1 of tiny_onnx" in str(lost[0]) and "claimed by another publish" in str(lost[0])
+    client = s3_client(moto_endpoint, max_attempts=1)
+    assert remote_versions(client, bucket_url, ONNX) == [1]
+    assert claimed_versions(client, bucket_url, ONNX) == [1]
+    # a publish that claimed 2 and died: the next one takes 3
+    claim_version(client, bucket_url, ONNX, 2, note="died")
+    assert next_remote_version(client, bucket_url, [PRE, ONNX]) == 3
