@@ -255,6 +255,12 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-warmup", action="store_true", help="no model_warmup in the configs")
     g.add_argument(
+        "--no-cam",
+        action="store_true",
+        help="no class-activation-map output (NAME_onnx with one output, as Triton's example "
+        "image client expects; medimg explain then needs --local)",
+    )
+    g.add_argument(
         "--max-image-bytes",
         type=int,
         default=32 << 20,
@@ -291,6 +297,7 @@ def repository_options(args: argparse.Namespace):
         version_policy=args.version_policy,
         trt_precision=args.trt_precision or "FP16",
         warmup=not args.no_warmup,
+        cam=not args.no_cam,
         max_image_bytes=args.max_image_bytes,
     )
 

@@ -156,15 +156,17 @@ def export_model(
     options: RepositoryOptions | None = None,
     version: int | None = None,
     fp16: bool = False,
-    cam: bool = True,
+    cam: bool | None = None,
 ) -> ExportReport:
     """Export, check parity, and write ``loaded`` into the Triton ``repository`` as the
     next version (or ``version``) of ``NAME_onnx`` + ``NAME_preprocess`` + ensemble ``NAME``.
     With ``cam`` (and a network :class:`~training.cam.CamHead` can take apart), the
-    classifier has the second output ``cam`` and the written spec names it."""
+    classifier has the second output ``cam`` and the written spec names it (default:
+    ``options.cam``)."""
     from training.cam import CamHead
 
     options = options or RepositoryOptions()
+    cam = options.cam if cam is None else cam
     max_batch_size = options.max_batch_size
     head = CamHead.from_head(loaded.module) if cam else None
     module: torch.nn.Module = head if head is not None else loaded.module

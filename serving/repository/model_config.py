@@ -70,6 +70,9 @@ class RepositoryOptions:
     version_policy: str = "latest:1"  # latest:N | all | specific:V[,V...]
     trt_precision: str = "FP16"  # TensorRT accelerator / engine precision on --target gpu
     warmup: bool = True
+    # the classifier's second output, the class activation maps (medimg explain); without it
+    # NAME_onnx has one input and one output, what Triton's example image_client.py requires
+    cam: bool = True
     max_image_bytes: int = 32 << 20  # NAME_preprocess refuses a larger encoded image
 
     def __post_init__(self) -> None:
@@ -229,9 +232,10 @@ def _batching(config: pb.ModelConfig, opts: RepositoryOptions | None) -> None:
 
 def _tensor_io(config: pb.ModelConfig, spec: ModelSpec, *, labels: bool, inputs=True) -> None:
     if inputs:  # the ensemble's is the encoded image
-        config.input.add(
+        config.input.add(  # the layout, for tools that read it (Triton's image_client.py)
             name=spec.input_name,
             data_type=pb.TYPE_FP32,
+            format=pb.ModelInput.FORMAT_NCHW,
             dims=[spec.channels, spec.image_size, spec.image_size],
         )
     config.output.add(
