@@ -85,6 +85,12 @@ def publish(
         )
     if url:  # before the export, which takes a while: is there a server to load into?
         check_server(url)
+    client = None
+    if repository.startswith("s3://"):  # before MLflow, whose artifacts may be on the same store
+        from serving.repository import s3
+
+        client = s3.s3_client(s3_endpoint)
+        s3.check_bucket(client, repository)
     uri, what = resolve_model_uri(tracking_uri, model=model_ref or default_model_ref(tracking_uri))
     if gate is not None:  # before anything is written
         decision = check_version(gate, tracking_uri, uri)
@@ -94,10 +100,7 @@ def publish(
     loaded = load_model(tracking_uri, uri)
     spec = loaded.spec
     names = [preprocess_name(spec), classifier_name(spec), spec.model_name]
-    if repository.startswith("s3://"):
-        from serving.repository import s3
-
-        client = s3.s3_client(s3_endpoint)
+    if client is not None:
         version = s3.next_remote_version(client, repository, names[:2])
         note = f"{what} from {socket.gethostname()} pid {os.getpid()} at {time.ctime()}"
         s3.claim_version(client, repository, names[1], version, note)  # before the export

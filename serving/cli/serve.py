@@ -1,11 +1,13 @@
 """``medimg serve``: the Triton server in the foreground.
 
 medimg serve --repository model_repository --model-control-mode explicit
+medimg serve --repository s3://models/medimg --s3-endpoint http://127.0.0.1:9000 --model-control-mode poll
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import TYPE_CHECKING
 
 from serving.cli.options import add_server_options, server_from_args
@@ -15,7 +17,20 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server.process import serve_foreground
+    from serving.server.config import triton_s3_url
+    from serving.server.process import TritonServer, serve_foreground
+
+    if args.s3_endpoint and not args.repository.startswith("s3://"):
+        from training.errors import ConfigError
+
+        raise ConfigError(
+            f"--s3-endpoint {args.s3_endpoint} needs an s3://BUCKET/PREFIX repository, "
+            f"got {args.repository!r}"
+        )
+    server = server_from_args(args)
+    if args.repository.startswith("s3://"):  # tritonserver reads it itself
+        remote = triton_s3_url(args.repository, args.s3_endpoint)
+        server = TritonServer(dataclasses.replace(server.config, repository=remote))
 
     def ready(server: TritonServer) -> None:
         guard = f" (guarded, max {server.max_request_bytes} bytes)" if server.http_guard else ""
@@ -24,6 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"metrics {server.metrics_url}",
             flush=True,
         )
+        if server.config.remote:
+            print(f"serving {server.repository}", flush=True)
         if server.token_file is not None:
             print(
                 f"model load/unload need the repository token in {server.token_file} "
@@ -31,10 +48,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    return serve_foreground(server_from_args(args), on_ready=ready)
+    return serve_foreground(server, on_ready=ready)
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the Triton server in the foreground")
     add_server_options(p)
+    p.add_argument(
+        "--s3-endpoint",
+        default="",
+        help="an S3-compatible endpoint http(s)://HOST:PORT for an s3://BUCKET/PREFIX "
+        "--repository (default $MEDIMG_S3_ENDPOINT, else $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL)",
+    )
     p.set_defaults(func=cmd_serve)

@@ -27,6 +27,7 @@ from training.errors import ConfigError, ServingError
 
 __all__ = [
     "VersionTaken",
+    "check_bucket",
     "claim_version",
     "claimed_versions",
     "download_repository",
@@ -131,6 +132,14 @@ def _list(client: Any, bucket: str, prefix: str, delimiter: str = "") -> Iterato
     kwargs = {"Bucket": bucket, "Prefix": prefix} | ({"Delimiter": delimiter} if delimiter else {})
     with _s3_errors(client, f"list s3://{bucket}/{prefix}"):
         yield from client.get_paginator("list_objects_v2").paginate(**kwargs)
+
+
+def check_bucket(client: Any, url: str) -> None:
+    """The bucket of ``url`` answers (one HEAD request): an unreachable endpoint, missing
+    credentials or a missing bucket fail here, naming the endpoint, before any work."""
+    bucket, _ = parse_s3_url(url)
+    with _s3_errors(client, f"reach bucket {bucket}"):
+        client.head_bucket(Bucket=bucket)
 
 
 def remote_versions(client: Any, url: str, model: str) -> list[int]:

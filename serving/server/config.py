@@ -12,9 +12,11 @@ Path('/opt/tritonserver'), shm_prefix='medimg1-0a1b2c3d_'))"
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from serving.server import token as repository_token
 from serving.server.network import is_loopback, url_host
@@ -40,10 +42,12 @@ GUARDED_APIS = (
 class ServerConfig:
     """A tritonserver serving ``repository``, its endpoints on ``host`` (a non-loopback one
     needs ``allow_public``), its HTTP behind the guard unless ``http_guard`` is False.
+    ``repository``: a local folder, or an ``s3://`` URL in Triton's own form (a ``str``,
+    from :func:`triton_s3_url`), which tritonserver reads itself (modes none and poll).
     ``log_file``: the server's stdout and stderr (None: a temporary file, removed after a
     clean stop). ``extra_args`` go last on tritonserver's command line."""
 
-    repository: Path
+    repository: Path | str
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -74,10 +78,21 @@ class ServerConfig:
                 f"from the network; give --host {self.host or '0.0.0.0'} explicitly "
                 "(allow_public=True)"
             )
-        object.__setattr__(self, "repository", Path(self.repository))
+        if self.remote and mode == "explicit":
+            raise ConfigError(
+                f"explicit model control needs a local repository (the repository token is "
+                f"written into it); serve {self.repository} with --model-control-mode poll"
+            )
+        if not self.remote:
+            object.__setattr__(self, "repository", Path(self.repository))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         if self.log_file is not None:
             object.__setattr__(self, "log_file", Path(self.log_file))
+
+    @property
+    def remote(self) -> bool:
+        """Whether tritonserver reads the repository itself from object storage (``s3://``)."""
+        return isinstance(self.repository, str) and self.repository.startswith("s3://")
 
     @property
     def ports(self) -> dict[str, int]:
@@ -113,7 +128,9 @@ class ServerConfig:
         explicit = self.model_control_mode == "explicit"
         restricted = restricted_flags(guard_token if self.http_guard else "", repository_token)
         flags: dict[str, object] = {
-            "model-repository": self.repository.resolve(),
+            "model-repository": self.repository
+            if isinstance(self.repository, str)
+            else self.repository.resolve(),
             "backend-directory": home / "backends",
             "cache-directory": home / "caches",
             "grpc-address": self.host,
@@ -133,6 +150,30 @@ class ServerConfig:
             "exit-timeout-secs": None if "exit-timeout-secs" in given else EXIT_TIMEOUT_S,
         }
         return [*render_flags(flags), *self.extra_args]
+
+
+def triton_s3_url(url: str, endpoint: str = "") -> str:
+    """An ``s3://BUCKET/PREFIX`` repository as tritonserver names it. On AWS it is unchanged;
+    with an S3-compatible ``endpoint`` (``http(s)://HOST:PORT``; default ``$MEDIMG_S3_ENDPOINT``,
+    ``$AWS_ENDPOINT_URL_S3``, ``$AWS_ENDPOINT_URL``, as ``medimg publish`` reads them) it is
+    ``s3://http://HOST:PORT/BUCKET/PREFIX``. A URL already in Triton's form
+    (``s3://[http(s)://]HOST:PORT/BUCKET/PREFIX``) is kept as given."""
+    rest = url.removeprefix("s3://")
+    first = rest.split("/", 1)[0]
+    if rest.startswith(("http://", "https://")) or ":" in first:
+        return url  # names its endpoint: Triton's form
+    if not first:
+        raise ConfigError(f"S3 repository {url!r} has no bucket (s3://BUCKET/PREFIX)")
+    envs = ("MEDIMG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    endpoint = endpoint or next((os.environ[e] for e in envs if os.environ.get(e)), "")
+    if not endpoint:
+        return url
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.port or parts.path not in ("", "/"):
+        raise ConfigError(
+            f"S3 endpoint {endpoint!r}: tritonserver needs http(s)://HOST:PORT (with the port)"
+        )
+    return f"s3://{parts.scheme}://{parts.hostname}:{parts.port}/{rest.strip('/')}"
 
 
 def render_flags(flags: Mapping[str, object]) -> list[str]:

@@ -80,7 +80,7 @@ class TritonServer:
             if fields:
                 raise TypeError(f"TritonServer(ServerConfig) takes no other options, got {fields}")
         else:
-            config = ServerConfig(Path(config), **fields)
+            config = ServerConfig(config, **fields)  # a str s3:// URL stays one
         self.config = config
         self.log_path: Path | None = None  # the server's stdout+stderr, once started
         self._own_log = False
@@ -99,7 +99,8 @@ class TritonServer:
         self._guard_token = secrets.token_urlsafe(32)  # the guard sends it to Triton's HTTP
 
     @property
-    def repository(self) -> Path:
+    def repository(self) -> Path | str:
+        """A local folder, or the ``s3://`` URL tritonserver reads (ServerConfig.remote)."""
         return self.config.repository
 
     @property
@@ -184,11 +185,14 @@ class TritonServer:
         if self.running():
             raise ServingError(f"tritonserver already running (pid {self.pid})")
         config, repo = self.config, self.config.repository
-        if not repo.is_dir():
-            missing = "is not a directory" if repo.exists() else "does not exist"
-            raise ServingError(f"model repository {repo} {missing}")
-        if not any((p / CONFIG_FILE).is_file() for p in repo.iterdir() if p.name[0] != "."):
-            raise ServingError(f"model repository {repo} holds no model (no <model>/{CONFIG_FILE})")
+        if isinstance(repo, Path):  # a remote one (s3://) tritonserver checks itself
+            if not repo.is_dir():
+                missing = "is not a directory" if repo.exists() else "does not exist"
+                raise ServingError(f"model repository {repo} {missing}")
+            if not any((p / CONFIG_FILE).is_file() for p in repo.iterdir() if p.name[0] != "."):
+                raise ServingError(
+                    f"model repository {repo} holds no model (no <model>/{CONFIG_FILE})"
+                )
         for name, port in config.ports.items():
             if problem := bind_problem(config.host, port):
                 raise ServingError(f"{name} port {port} on {config.host}: {problem}")
@@ -228,7 +232,7 @@ class TritonServer:
             self.log_path, self._own_log = Path(name), True
 
     def _write_token(self) -> None:
-        path = repository_token.token_path(self.config.repository, self.config.http_port)
+        path = repository_token.token_path(Path(self.config.repository), self.config.http_port)
         try:
             self.token_file = repository_token.write_token(path, self.repository_token)
         except OSError as exc:

@@ -32,6 +32,8 @@ NOT_IMPORTED = {
     "mypy": "a tool run by .ci/run",
     "pytest-timeout": "a pytest plugin (the timeout setting in pyproject.toml)",
     "moto": "its S3 server runs as a process of its own (tests/fixtures/s3.py)",
+    "yamllint": "a tool run by tests/unit/test_infra_k8s.py on infra/",
+    "check-jsonschema": "a tool run by tests/unit/test_infra_monitoring.py on the Compose file",
 }
 
 

@@ -648,10 +648,9 @@ def restricted_api_problems(objs: list[dict[str, Any]]) -> list[str]:
     problems = [f"missing {flag}" for flag in RESTRICTED_API_FLAGS if flag not in argv]
     if argv[:1] != ["tritonserver"]:
         problems.append(f"the container runs {argv[:1]}, not tritonserver")
-    if flag_value(argv, "--model-control-mode") != "poll":
-        problems.append("--model-control-mode is not poll")
-    if flag_value(argv, "--repository-poll-secs") != "30":
-        problems.append("--repository-poll-secs is not 30")
+    # not poll: Triton 2.51 unloads every model when a poll cannot list the bucket
+    if flag_value(argv, "--model-control-mode") != "none":
+        problems.append("--model-control-mode is not none")
     token = [e for e in c.get("env", []) if e["name"] == "MEDIMG_REPOSITORY_TOKEN"]
     key_ref = token[0].get("valueFrom", {}).get("secretKeyRef", {}) if len(token) == 1 else {}
     if key_ref.get("name") != "triton-repository-token" or key_ref.get("optional"):
@@ -906,11 +905,11 @@ def test_credentials_come_from_secrets(objs: list[dict[str, Any]]) -> None:
     (token,) = [e for e in c["env"] if e["name"] == "MEDIMG_REPOSITORY_TOKEN"]
     del token["valueFrom"]
     token["value"] = "s3cr3t"
-    c["args"].append("--foo=postgresql://mlflow:hunter2@db:5432/mlflow")
+    c["args"].append("--foo=postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow")
     assert secret_problems(objs, examples) == [
         "Deployment/triton triton: MEDIMG_REPOSITORY_TOKEN is not from a Secret",
         "Deployment/triton triton: literal credential in "
-        "'--foo=postgresql://mlflow:hunter2@db:5432/mlflow'",
+        "'--foo=postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow'",
     ]
 
 
@@ -930,7 +929,7 @@ def test_example_secrets_are_marked_examples() -> None:
             if SENSITIVE_ENV.search(key.upper().replace("-", "_")):
                 assert "CHANGE-ME" in value, f"{ref(secret)} {key}"
     assert example_secrets()["mlflow-db"]["backend-store-uri"] == (
-        "postgresql://mlflow:CHANGE-ME@postgres.example.internal:5432/mlflow"
+        "postgresql+psycopg2://mlflow:CHANGE-ME@postgres.example.internal:5432/mlflow"
     )
 
 

@@ -407,7 +407,6 @@ def test_compose_triton_runs_the_deployment_flags():
     assert set(given) == {
         "model-repository",
         "model-control-mode",
-        "repository-poll-secs",
         "http-restricted-api",
         "grpc-restricted-protocol",
         "metrics-config",
@@ -415,7 +414,7 @@ def test_compose_triton_runs_the_deployment_flags():
         "grpc-port",
         "metrics-port",
     }
-    assert given["model-control-mode"] == "poll"
+    assert given["model-control-mode"] == "none"  # poll unloads all when S3 is unreachable
     assert given["metrics-config"] == "summary_latencies=true"
     assert (given["http-port"], given["grpc-port"], given["metrics-port"]) == (
         "8000",
@@ -463,7 +462,7 @@ def test_compose_mlflow_on_postgres_with_proxied_s3_artifacts():
     assert "mlflow" in allowed and "mlflow:5000" in allowed  # other containers' Host header
     store = mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert re.fullmatch(
-        r"postgresql://mlflow:\$\{POSTGRES_PASSWORD:\?[^}]*\}@postgres:5432/mlflow", store
+        r"postgresql\+psycopg2://mlflow:\$\{POSTGRES_PASSWORD:\?[^}]*\}@postgres:5432/mlflow", store
     )
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -536,7 +535,7 @@ def test_compose_holds_no_literal_secret():
     leaky = compose()
     leaky["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] = "hunter22"
     leaky["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] = (
-        "postgresql://mlflow:hunter22@postgres:5432/mlflow"
+        "postgresql+psycopg2://mlflow:hunter22@postgres:5432/mlflow"
     )
     leaky["services"]["triton"]["command"][4] = "--http-restricted-api=model-repository:x-token=abc"
     assert len(literal_secrets(leaky)) == 3
