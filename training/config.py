@@ -62,6 +62,9 @@ class TrainConfig:
     dataset: str = "pneumoniamnist"  # a MedMNIST flag, "folder" or "chestxray14"
     size: int = 28  # MedMNIST file resolution (28, 64, 128, 224)
     image_size: int = 64  # network input; DenseNet-121 needs >= 32 px
+    crop: str = (
+        ""  # "": the data set's (MedMNIST's own; none for folder/chestxray14) | center | none
+    )
     data_dir: str = ""
     cache_dir: str = ""  # decoded file-based data sets (folder, chestxray14) are cached here
     val_fraction: float = 0.1  # folder / chestxray14 without given splits
@@ -172,6 +175,7 @@ class TrainConfig:
             "amp": ("auto", "bf16", "fp16", "off"),
             "recipe": ("", *RECIPES),
             "calibration": ("temperature", "none"),
+            "crop": ("", "center", "none"),
         }
         for name, allowed in choices.items():
             got = getattr(self, name)

@@ -66,6 +66,7 @@ class DataOptions:
     val_fraction: float = 0.1  # folder / chestxray14 without given splits
     test_fraction: float = 0.2
     seed: int = 0  # max_samples subsampling
+    crop: str = "none"  # file-based data sets: "center" crops each image to its short edge
 
     @classmethod
     def from_config(cls, cfg) -> DataOptions:  # cfg: training.config.TrainConfig
@@ -77,6 +78,7 @@ class DataOptions:
             val_fraction=cfg.val_fraction,
             test_fraction=cfg.test_fraction,
             seed=cfg.seed,
+            crop=cfg.crop if cfg.dataset in FILE_DATASETS and cfg.crop else "none",
         )
 
 
@@ -316,7 +318,9 @@ def open_split(
     if keep is not None:
         paths, labels = [paths[i] for i in keep], labels[keep]
     cache_dir = opts.cache_dir or default_cache_dir()
-    decoded = read_images(paths, image_size, channels, cache_dir=cache_dir, desc=f"{name} {split}")
+    decoded = read_images(
+        paths, image_size, channels, cache_dir=cache_dir, desc=f"{name} {split}", crop=opts.crop
+    )
     if decoded.failed:
         shown = "; ".join(decoded.reasons[:3]) + (" ..." if len(decoded.failed) > 3 else "")
         what = f"{name} {split}: skipped {len(decoded.failed)} of {len(paths)} image(s)"

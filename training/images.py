@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.errors import DataError
-from training.transforms import resize_image
+from training.transforms import SourceChain, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,9 @@ class DecodedImages:
     reasons: tuple[str, ...]  # one error message per failed index
 
 
-def _cache_key(paths: Sequence[str | Path], image_size: int, channels: int) -> str:
+def _cache_key(
+    paths: Sequence[str | Path], image_size: int, channels: int, crop: str = "none"
+) -> str:
     files = []
     for p in paths:
         try:
@@ -232,7 +234,8 @@ def _cache_key(paths: Sequence[str | Path], image_size: int, channels: int) -> s
             files.append((str(p), st.st_mtime_ns, st.st_size))
         except OSError:
             files.append((str(p), -1, -1))
-    blob = json.dumps([CACHE_VERSION, image_size, channels, files]).encode()
+    key = [CACHE_VERSION, image_size, channels, files] + ([crop] if crop != "none" else [])
+    blob = json.dumps(key).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
@@ -265,15 +268,19 @@ def _load_cached(npy: Path, meta: Path, n: int, shape: tuple[int, ...]) -> Decod
     return None
 
 
-def _decode_into(out: np.ndarray, paths: Sequence, size: int, channels: int, desc: str) -> dict:
-    """Decode and resize every path into ``out`` with a few threads; {index: error}."""
+def _decode_into(
+    out: np.ndarray, paths: Sequence, size: int, channels: int, desc: str, crop: str = "none"
+) -> dict:
+    """Decode, crop (``crop``: training.transforms.SourceChain) and resize every path into
+    ``out`` with a few threads; {index: error}."""
+    source = SourceChain(crop) if crop != "none" else None
     from tqdm import tqdm
 
     failures: dict[int, str] = {}
 
     def work(i: int) -> None:
         try:
-            out[i] = resize_image(read_image(paths[i]), size, channels)
+            out[i] = resize_image(read_image(paths[i]), size, channels, source)
         except Exception as exc:  # an undecodable file is skipped, whatever the decoder raised
             failures[i] = str(exc) if isinstance(exc, DataError) else f"{paths[i]}: {exc!r}"
 
@@ -289,9 +296,11 @@ def _result(images: np.ndarray, failures: dict[int, str]) -> DecodedImages:
     return DecodedImages(images, tuple(failed), tuple(failures[i] for i in failed))
 
 
-def _decode_cached(paths: Sequence, size: int, channels: int, cache: Path, desc: str):
+def _decode_cached(
+    paths: Sequence, size: int, channels: int, cache: Path, desc: str, crop: str = "none"
+):
     n, shape = len(paths), (channels, size, size)
-    key = _cache_key(paths, size, channels)
+    key = _cache_key(paths, size, channels, crop)
     npy, meta = cache / f"images-{key}.npy", cache / f"images-{key}.json"
     with _locked(cache / f"images-{key}.lock"):
         found = _load_cached(npy, meta, n, shape)
@@ -299,7 +308,7 @@ def _decode_cached(paths: Sequence, size: int, channels: int, cache: Path, desc:
             return found
         tmp = cache / f"images-{key}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
-        failures = _decode_into(out, paths, size, channels, desc)
+        failures = _decode_into(out, paths, size, channels, desc, crop)
         keep = [i for i in range(n) if i not in failures]
         if failures:  # rare: keep only the decoded images (through memory)
             packed = np.asarray(out[keep])
@@ -328,6 +337,7 @@ def read_images(
     *,
     cache_dir: str | Path = "",
     desc: str = "decoding images",
+    crop: str = "none",
 ) -> DecodedImages:
     """Decode and resize (:func:`~training.transforms.resize_image`) every file once.
 
@@ -341,10 +351,10 @@ def read_images(
         cache = Path(cache_dir).expanduser()
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            return _decode_cached(paths, image_size, channels, cache, desc)
+            return _decode_cached(paths, image_size, channels, cache, desc, crop)
         except OSError as exc:
             log.warning("image cache %s not usable (%s); decoding in memory", cache, exc)
     out = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    failures = _decode_into(out, paths, image_size, channels, desc)
+    failures = _decode_into(out, paths, image_size, channels, desc, crop)
     keep = [i for i in range(len(paths)) if i not in failures]
     return _result(out[keep] if failures else out, failures)

@@ -37,6 +37,7 @@ FIXED_FIELDS = {
     "storage_endpoint": "--storage-endpoint",
     "gate": "--gate",
     "cohorts": "--cohorts",
+    "crop": "--crop",
     "calibration": "--calibration",
     "positive_class": "--positive-class",
     "tracking_uri": "--tracking-uri",

@@ -17,13 +17,18 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from training.errors import ConfigError
-from training.transforms import normalization_stats, to_model_input
+from training.transforms import SourceChain, normalization_stats, to_model_input
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 CAM_NAME = "cam"  # the second output: class activation maps (N, K, h, w)
 # The finding of each binary MedMNIST data set: what sensitivity, PPV and triage are about.
 POSITIVE_CLASSES = {"pneumoniamnist": "pneumonia", "breastmnist": "malignant"}
+# How MedMNIST made each data set's images from the source images (its INFO descriptions and
+# on_medmnist_plus.md): the centred square of the short edge, then resized; the others
+# resized whole (BloodMNIST's fixed 200 x 200 centre crop of 360 x 363 photos is not
+# reproduced: "none"). medimg applies the same to a served image larger than the file size.
+MEDMNIST_CROPS = {"pneumoniamnist": "center", "octmnist": "center", "retinamnist": "center"}
 # A binary folder data set whose other class is named like one of these needs no --positive-class.
 NEGATIVE_NAMES = re.compile(r"normal|healthy|benign|negative|no[ _-]?finding|control", re.I)
 log = logging.getLogger(__name__)
@@ -77,6 +82,11 @@ class ModelSpec:
     thresholds: tuple[float, ...] = ()  # operating thresholds on calibrated P(finding) from val
     review: dict = field(default_factory=dict)  # training.review statistics of the val split
     cam_name: str = ""  # the class-activation-map output, "" when the model has none
+    # how the training images were made from larger ones (training.transforms.SourceChain):
+    # a larger input is cropped ("center": the short edge's square) and reduced to
+    # source_size px first; ("none", 0) in versions before it: resized straight to image_size
+    source_crop: str = "none"
+    source_size: int = 0
 
     @property
     def positive_index(self) -> int:
@@ -119,9 +129,24 @@ class ModelSpec:
         """Registered MLflow model name, also the Triton model name."""
         return self.name or f"{self.dataset}-{self.architecture}"
 
+    @property
+    def source_chain(self) -> SourceChain | None:
+        """The crop and reduction a larger input goes through first (None: nothing)."""
+        if self.source_crop == "none" and not self.source_size:
+            return None
+        return SourceChain(self.source_crop, self.source_size)
+
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W[, C]) -> the float32 (N, C, S, S) batch this model expects."""
-        return to_model_input(images, self.image_size, self.channels, mean=self.mean, std=self.std)
+        """uint8 (N, H, W[, C]) -> the float32 (N, C, S, S) batch this model expects:
+        through :attr:`source_chain`, then resized and normalised as in training."""
+        return to_model_input(
+            images,
+            self.image_size,
+            self.channels,
+            mean=self.mean,
+            std=self.std,
+            source=self.source_chain,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -159,12 +184,19 @@ class ModelSpec:
         normalization: str = "medmnist",
         name: str = "",
         positive_class: str = "",
+        size: int = 28,
+        crop: str = "",
     ) -> ModelSpec:
-        from training.data import dataset_info
+        """``size``: a MedMNIST data set's file resolution; ``crop``: "" for the data set's
+        own chain (:data:`MEDMNIST_CROPS`; file-based data sets: none), "center" or "none"."""
+        from training.data import FILE_DATASETS, dataset_info
 
         info = dataset_info(dataset, data_dir)
         mean, std = normalization_stats(normalization, info.channels)
+        medmnist = info.name not in FILE_DATASETS
         return cls(
+            source_crop=crop or (MEDMNIST_CROPS.get(info.name, "none") if medmnist else "none"),
+            source_size=size if medmnist else 0,
             positive_class=positive_class_for(
                 info.name, info.task, info.class_names, positive_class
             ),
@@ -187,4 +219,6 @@ class ModelSpec:
             normalization=cfg.normalization,
             name=cfg.model_name,
             positive_class=cfg.positive_class,
+            size=cfg.size,
+            crop=cfg.crop,
         )
