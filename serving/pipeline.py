@@ -44,6 +44,17 @@ class ServedEvaluation:
     max_abs_diff: float
     images: int
     seconds: float
+    acc_at_threshold: float | None = None  # binary: the served label's accuracy
+
+
+def accuracy_at_threshold(spec, labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary models: the accuracy of the label the operating threshold gives (the served
+    label, ``ModelContract.prediction``); None without a threshold or for other tasks."""
+    if not spec.task.startswith("binary") or not spec.thresholds:
+        return None
+    positive = spec.positive_index
+    predicted = np.where(probs[:, positive] >= spec.thresholds[0], positive, 1 - positive)
+    return float(np.mean(predicted == np.asarray(labels).reshape(-1)))
 
 
 def evaluate_served(
@@ -61,7 +72,8 @@ def evaluate_served(
     seconds = time.perf_counter() - started
     scores = evaluate(spec.task, test.labels, probs)
     diff = float(np.max(np.abs(probs - outcome.test_probs)))
-    return ServedEvaluation(scores["auc"], scores["acc"], diff, len(test), seconds)
+    at = accuracy_at_threshold(spec, test.labels, probs)
+    return ServedEvaluation(scores["auc"], scores["acc"], diff, len(test), seconds, at)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -86,13 +98,22 @@ def check_agreement(outcome: TrainOutcome, served: ServedEvaluation) -> None:
 
 
 def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
+    """AUC and ACC (arg-max) both ways, and the served label's ACC at the operating
+    threshold (binary models)."""
+    here = accuracy_at_threshold(outcome.spec, outcome.test_labels, outcome.test_probs)
+    t = outcome.spec.thresholds[0] if here is not None else None
+
+    def at(value: float | None) -> str:
+        return "" if value is None or t is None else f"  ACC at threshold {t:.3f}: {value:.4f}"
+
     print(
         f"test split ({served.images} images) in-process:   "
-        f"AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}"
+        f"AUC {outcome.test['auc']:.4f}  ACC {outcome.test['acc']:.4f}{at(here)}"
     )
     print(
-        f"test split ({served.images} images) through Triton: AUC {served.auc:.4f}  ACC {served.acc:.4f}  "
-        f"(gRPC, {served.images / served.seconds:.0f} img/s, max |dp| {served.max_abs_diff:.2e})",
+        f"test split ({served.images} images) through Triton: AUC {served.auc:.4f}  ACC {served.acc:.4f}"
+        f"{at(served.acc_at_threshold)}  (gRPC, {served.images / served.seconds:.0f} img/s, "
+        f"max |dp| {served.max_abs_diff:.2e})",
         flush=True,
     )
 
@@ -143,6 +164,11 @@ def log_to_mlflow(outcome: TrainOutcome, served: ServedEvaluation, tracking_uri:
     for key, value in {
         "triton_test_auc": served.auc,
         "triton_test_acc": served.acc,
+        **(
+            {"triton_test_acc_at_threshold": served.acc_at_threshold}
+            if served.acc_at_threshold is not None
+            else {}
+        ),
         "triton_max_abs_diff": served.max_abs_diff,
         "triton_images_per_s": served.images / served.seconds,
     }.items():

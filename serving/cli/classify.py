@@ -79,8 +79,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     for p in run.ok:
         if plan is None:
             flagged, cut = p.probability < review_below, review_below
-        else:
-            flagged, cut = plan.needs_review(p.label, p.probability), plan.thresholds[p.label]
+        else:  # the guarantee is for the arg-max class: a label the operating threshold
+            # decided otherwise is reviewed (binary, P(finding) between the two cut-offs)
+            top = p.argmax_label
+            cut = plan.thresholds[top]
+            flagged = p.label != top or plan.needs_review(top, p.probabilities[top])
         extra = [] if plan is None else ["" if cut is None else f"{cut:.9g}"]
         probs = [f"{p.probabilities[n]:.6f}" for n in names]
         rows.append([p.file, p.label, f"{p.probability:.6f}", str(flagged).lower(), *extra, *probs])
@@ -89,6 +92,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     out = Path(args.out)
     review = sum(1 for r in rows if r[3] == "true")
     info: dict = {"model": run.contract.model, "images": len(rows), "needs_review": review}
+    info["operating_threshold"] = run.contract.threshold  # None: labels are the arg-max
     if plan is None:
         info.update(review_below=review_below, guarantee=None)
     else:

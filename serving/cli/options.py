@@ -81,6 +81,13 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
         "from its own metadata)",
     ),
     (
+        "--crop",
+        "crop",
+        str,
+        "center | none: how a larger input is cropped before it is reduced (default: the data "
+        "set's own: MedMNIST's crop, none for folder and chestxray14 data sets)",
+    ),
+    (
         "--calibration",
         "calibration",
         str,
@@ -339,4 +346,11 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
         help="images per request (default: the model's max_batch_size)",
     )
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight (default 2)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="binary models: label the finding when P(finding) >= P (default: the model's "
+        "operating threshold, chosen on validation; see --json)",
+    )
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request (default 60)")

@@ -108,6 +108,7 @@ def cmd_triage(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         info: dict = {"model": run.contract.model, "finding": finding, "studies": len(rows)}
+        info["operating_threshold"] = run.contract.threshold  # decides the label column
         info.update(_triage_info(plan, buckets) if plan else {"buckets": None})
         how = sidecar(out, info, mode=0o600)
         write_atomic(out, text.encode(), mode=0o600)  # may hold patient identifiers

@@ -94,6 +94,7 @@ def run_client(
             args.model,
             args.timeout_s,
             client_preprocess=args.client_preprocess,
+            threshold=getattr(args, "threshold", None),
         )
         async with client:
             contract = client.contract

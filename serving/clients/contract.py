@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
 from serving.clients.inputs import Item
 from serving.repository.model_config import IMAGE_INPUT, SPEC_PARAMETER
-from training.errors import DataError, MedimgError, ServingError
+from training.errors import ConfigError, DataError, MedimgError, ServingError
 from training.spec import ModelSpec
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -63,6 +63,12 @@ class Prediction:
     label: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    threshold: float | None = None  # binary: the operating threshold on P(finding) used
+
+    @property
+    def argmax_label(self) -> str:
+        """The most probable class (the label when no operating threshold applies)."""
+        return max(self.probabilities, key=self.probabilities.__getitem__, default="")
 
     @property
     def probability(self) -> float:
@@ -72,9 +78,11 @@ class Prediction:
     def as_json(self) -> str:
         if self.error:
             return json.dumps({"file": self.file, "error": self.error})
-        return json.dumps(
-            {"file": self.file, "label": self.label, "probabilities": self.probabilities}
-        )
+        out: dict[str, object] = {"file": self.file, "label": self.label}
+        out["probabilities"] = self.probabilities
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return json.dumps(out)
 
     def as_text(self) -> str:
         if self.error:
@@ -97,6 +105,32 @@ class ModelContract:
     max_batch_size: int
     accepts_bytes: bool  # an ensemble with the server-side preprocessing step
     outputs: tuple[str, ...] = ()  # the outputs its config declares (() : not known)
+    threshold_override: float | None = None  # --threshold: instead of the spec's
+
+    @property
+    def threshold(self) -> float | None:
+        """Binary models: the operating threshold on P(finding) that decides the label --
+        ``--threshold`` if given, else the one training chose on validation (Youden's J,
+        in the spec); None (arg-max) for other tasks and versions without one."""
+        if not self.spec.task.startswith("binary"):
+            return None
+        if self.threshold_override is not None:
+            return self.threshold_override
+        return float(self.spec.thresholds[0]) if self.spec.thresholds else None
+
+    def with_threshold(self, threshold: float | None) -> ModelContract:
+        """This contract with ``--threshold`` applied (None: unchanged); a model that is not
+        binary, or a value outside [0, 1], is a :class:`ConfigError`."""
+        if threshold is None:
+            return self
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"--threshold: expected a probability in [0, 1], got {threshold}")
+        if not self.spec.task.startswith("binary"):
+            raise ConfigError(
+                f"--threshold: model {self.model!r} is {self.spec.task}; an operating threshold "
+                "applies to binary models only"
+            )
+        return replace(self, threshold_override=float(threshold))
 
     @property
     def cam_name(self) -> str:
@@ -136,10 +170,15 @@ class ModelContract:
         names = self.spec.class_names
         if len(probs) != len(names):
             raise DataError(f"{self.model}: {len(probs)} outputs but {len(names)} class names")
+        threshold, label = self.threshold, names[int(np.argmax(probs))]
+        if threshold is not None:  # binary: the finding at or above the operating threshold
+            positive = self.spec.positive_index
+            label = names[positive if probs[positive] >= threshold else 1 - positive]
         return Prediction(
             file=file,
-            label=names[int(np.argmax(probs))],
+            label=label,
             probabilities={n: float(v) for n, v in zip(names, probs, strict=True)},
+            threshold=threshold,
         )
 
 

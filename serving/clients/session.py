@@ -235,8 +235,10 @@ class ClientBase:
         timeout_s: float = 60.0,
         *,
         client_preprocess: bool = False,
+        threshold: float | None = None,
     ) -> None:
         self._mod = client_module(protocol, aio=self._aio)
+        self._threshold = threshold  # binary: overrides the model's operating threshold
         self.protocol = protocol
         self.url = client_url(url, protocol)
         self.timeout_s = timeout_s
@@ -271,7 +273,7 @@ class ClientBase:
         return connect_steps(self.url, self.protocol, self._model)
 
     def _connected(self, contract: ModelContract) -> None:
-        self._contract = contract
+        self._contract = contract.with_threshold(self._threshold)
         # a model that is not an ensemble takes tensors: preprocess here whatever was asked
         self.client_preprocess = self._preprocess_asked or not contract.accepts_bytes
 

@@ -27,7 +27,7 @@ from serving.clients.contract import client_url
 from serving.clients.inputs import collect_items
 from serving.clients.sync import TritonClassifier
 from serving.server.process import TritonServer
-from tests.fixtures.pipeline import write_medmnist_npz
+from tests.fixtures.pipeline import SHARED_DATA, write_medmnist_npz
 from tests.fixtures.triton import MODEL, free_ports, server_fixture
 from training.data import medmnist_arrays
 from training.errors import ServingError
@@ -73,6 +73,12 @@ def folder(tmp_path_factory, data_dir) -> Path:
     _dicom(root / "study.dcm", with_ids=True)
     _dicom(root / "nested" / "IM0001", with_ids=False)  # PACS-style name, DICM magic
     (root / "notes.txt").write_text("not an image, not picked up")
+    # a full-size, non-square chest X-ray: cropped and reduced as PneumoniaMNIST was made
+    sample = SHARED_DATA / "samples" / "00000001_000.png"
+    full = np.asarray(Image.open(sample))[:, 40:440] if sample.is_file() else None
+    if full is None:
+        full = np.random.default_rng(0).integers(0, 255, (900, 700), dtype=np.uint8)
+    Image.fromarray(np.ascontiguousarray(full)).save(root / "fullsize.png")
     return root
 
 
@@ -80,7 +86,7 @@ def test_sync_and_async_clients_agree_with_in_process(
     server, folder, tiny_classifier_answer
 ) -> None:
     items, errors = collect_items([folder])
-    assert not errors and len(items) == 8  # 5 png + npy + 2 DICOM; notes.txt skipped
+    assert not errors and len(items) == 9  # 6 png + npy + 2 DICOM; notes.txt skipped
     want = {i.name: tiny_classifier_answer(read_image(i.path)) for i in items}
     for protocol in ("http", "grpc"):
         with TritonClassifier(server[protocol], protocol) as client:
@@ -125,7 +131,7 @@ def test_url_as_serve_prints_it(server, folder, medimg_cmd) -> None:
     """``medimg serve`` prints ``HTTP http://HOST:PORT``; ``--url`` takes that form too."""
     result = _run(medimg_cmd, "classify", folder, "--url", f"http://{server['http']}/")
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 8
+    assert len(result.stdout.splitlines()) == 9
     assert client_url("", "grpc") == "127.0.0.1:8001"
     for url, protocol in [("http://h:1", "grpc"), ("https://h:1", "http"), ("h:1/v2", "http")]:
         with pytest.raises(ServingError, match=f"--url for {protocol}: expected HOST:PORT"):
@@ -175,10 +181,10 @@ def test_classify_directory_as_csv_with_a_bad_file(server, folder, medimg_cmd, t
         medimg_cmd, "classify", folder, bad, "--csv", "--batch-size", "4", *_on(server, "grpc")
     )
     assert result.returncode == 1
-    assert "broken.png" in result.stderr and "1 of 9 input(s) failed" in result.stderr
+    assert "broken.png" in result.stderr and "1 of 10 input(s) failed" in result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert list(rows[0]) == ["file", "label", "probability", "prob_normal", "prob_pneumonia"]
-    assert len(rows) == 8
+    assert len(rows) == 9
     for row in rows:
         assert float(row["probability"]) == float(row[f"prob_{row['label']}"])
         assert float(row["prob_normal"]) + float(row["prob_pneumonia"]) == pytest.approx(
@@ -244,8 +250,8 @@ def test_triage_orders_by_finding_and_keeps_identifiers_in_the_worklist(
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     probs = [float(r["prob_pneumonia"]) for r in rows]
-    assert len(rows) == 8 and probs == sorted(probs, reverse=True)
-    assert [int(r["rank"]) for r in rows] == list(range(1, 9))
+    assert len(rows) == 9 and probs == sorted(probs, reverse=True)
+    assert [int(r["rank"]) for r in rows] == list(range(1, 10))
     for r in rows:
         want = tiny_classifier_answer(read_image(r["file"]))[1]
         assert float(r["prob_pneumonia"]) == pytest.approx(float(want), abs=1e-5)
@@ -278,6 +284,32 @@ def test_json_lines_and_text_agree(server, folder, medimg_cmd) -> None:
     assert float(prob) == pytest.approx(record["probabilities"][label], abs=1e-4)
 
 
+def test_threshold_decides_the_served_label(server, folder, medimg_cmd) -> None:
+    """``--threshold P``: the finding wherever P(finding) >= P, whatever the arg-max; the
+    tiny model's spec has no operating threshold, so without the flag: the arg-max."""
+    pngs = sorted(folder.glob("img*.png"))
+    plain = [
+        json.loads(line)
+        for line in _run(
+            medimg_cmd, "classify", *pngs, *_on(server, "grpc"), "--json"
+        ).stdout.splitlines()
+    ]
+    assert all("threshold" not in r for r in plain)
+    for r in plain:
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+    for cut, want in ((0.0, "pneumonia"), (1.0, "normal")):
+        result = _run(
+            medimg_cmd, "classify", *pngs, *_on(server, "grpc"), "--json", "--threshold", cut
+        )
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        assert {r["label"] for r in records} == {want} and {r["threshold"] for r in records} == {
+            cut
+        }
+    bad = _run(medimg_cmd, "classify", pngs[0], *_on(server, "grpc"), "--threshold", "2")
+    assert bad.returncode == 1 and "--threshold: expected a probability" in bad.stderr
+
+
 def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
     tiny_classifier_repository, folder, triton_cache_dir
 ) -> None:
@@ -295,7 +327,7 @@ def test_a_server_gone_mid_run_fails_every_item_without_per_item_retries(
     server = TritonServer(tiny_classifier_repository, **free_ports())
     with server:
         preds, seconds = asyncio.run(go(server.grpc_url, server))
-    assert len(preds) == 40 and all(p.error for p in preds)
+    assert len(preds) == 45 and all(p.error for p in preds)
     assert all(server.grpc_url in p.error for p in preds)
     assert seconds < 10, seconds
 
