@@ -23,7 +23,7 @@ from serving.clients.sync import TritonClassifier
 from serving.export.onnx import export_model
 from serving.server.process import TritonServer, serve_foreground
 from training.config import TrainConfig
-from training.data import DataOptions, open_split
+from training.data import DataOptions, medmnist_arrays, open_split
 from training.driver import TrainOutcome, train_and_register
 from training.errors import ServingError
 from training.metrics import evaluate
@@ -60,12 +60,18 @@ def accuracy_at_threshold(spec, labels: np.ndarray, probs: np.ndarray) -> float 
 def evaluate_served(
     server: TritonServer, outcome: TrainOutcome, cfg: TrainConfig
 ) -> ServedEvaluation:
-    """Send the whole test split, PNG-encoded, through ``server`` over gRPC and score it."""
+    """Send the whole test split through ``server`` over gRPC, as a client would -- the
+    files' own bytes, or a MedMNIST split's images PNG-encoded at the file's resolution
+    (not the network's: the server reduces larger inputs as the data set was made) -- and
+    score it."""
     spec = outcome.spec
-    test = open_split(
-        DataOptions.from_config(cfg), "test", image_size=spec.image_size, channels=spec.channels
-    )
-    images = [png_bytes(image) for image in test.images]
+    opts = DataOptions.from_config(cfg)
+    test = open_split(opts, "test", image_size=spec.image_size, channels=spec.channels)
+    if test.paths is not None:
+        images = [Path(path).read_bytes() for path in test.paths]
+    else:
+        raw, _ = medmnist_arrays(opts.dataset, "test", opts.data_dir, opts.size)
+        images = [inputs.png_bytes(image) for image in raw]
     started = time.perf_counter()
     with TritonClassifier(server.grpc_url, "grpc", spec.model_name) as client:
         probs = client.infer_bytes(images)
