@@ -119,3 +119,25 @@ def test_pipeline_keep_serving(medimg_cmd, cli_env, tmp_path: Path, free_port, d
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_served_test_split_agrees_with_in_process(
+    exported, trained, tmp_path_factory, triton_cache_dir
+) -> None:
+    """What the pipeline checks after training, on the session's trained and exported
+    model: the test split sent as a client sends it (MedMNIST images at the file's
+    resolution, PNG) gives the in-process calibrated probabilities to 1e-4, through the
+    server-side preprocessing (which reduces larger inputs as the data set was made)."""
+    from contextlib import contextmanager
+
+    from serving.pipeline import check_agreement, evaluate_served
+    from tests.fixtures.triton import running_server
+
+    cfg, outcome = trained
+    _, repository, _ = exported
+    log = tmp_path_factory.mktemp("pipeline_served") / "server.log"
+    with contextmanager(running_server)(repository, log) as server:
+        served = evaluate_served(server, outcome, cfg)
+    assert served.images == len(outcome.test_labels)
+    check_agreement(outcome, served)  # raises past 1e-4 per probability, 1e-3 AUC/ACC
+    assert served.acc_at_threshold is not None
