@@ -81,7 +81,9 @@ class ServerConfig:
         if self.remote and mode == "explicit":
             raise ConfigError(
                 f"explicit model control needs a local repository (the repository token is "
-                f"written into it); serve {self.repository} with --model-control-mode poll"
+                f"written into it); serve {self.repository} with --model-control-mode none "
+                "(read at start) or poll (which, in Triton 2.51, unloads every model while the "
+                "store is unreachable)"
             )
         if not self.remote:
             object.__setattr__(self, "repository", Path(self.repository))
