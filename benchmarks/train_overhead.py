@@ -1,19 +1,22 @@
 """Ray Train overhead: the same epochs through Ray Train (1 worker) and a plain PyTorch
-loop, in one run, on the same data, model, optimizer and epoch function
-(``training.epoch.run_epoch``); plus the input pipeline's images/s against the training
-step's images/s.
+loop, on the same data, model, optimizer and epoch function (``training.epoch.run_epoch``),
+in ALTERNATING ROUNDS in one process (plain, Ray, plain, Ray, ...: a noisy machine slows
+both alike), reported as medians with per-round ranges; plus the input pipeline's
+images/s against the training step's.
 
-Prints the ratio of Ray's per-epoch training time to the plain loop's (target ≤ 1.05;
-Ray's fixed start-up cost is reported separately) and the input/step throughput ratio
-(target ≥ 3)::
+Prints each round, then the median ratio of Ray's steady-state epoch time to the plain
+loop's (target <= 1.05) and Ray's fixed cost outside the epochs (target <= 10 s), split
+into starting Ray (``ray.init``) and the rest (worker group start, checkpoint reporting,
+shutdown)::
 
     python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 \
-        --max-train-samples 1024
+        --max-train-samples 1024 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -87,8 +90,9 @@ def input_pipeline_rate(cfg: TrainConfig, batches: int = 50) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float]:
-    """Per-epoch ``run_epoch`` seconds reported by the Ray Train worker, and total wall time."""
+def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float, float]:
+    """Per-epoch ``run_epoch`` seconds reported by the Ray Train worker, the total wall
+    time (Ray started and shut down inside it), and the seconds ``ray.init`` took."""
     import ray
 
     from training.driver import new_ray_run_name
@@ -96,14 +100,19 @@ def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float]:
 
     started = time.perf_counter()
     cfg = resolve_resources(cfg)
+    init = time.perf_counter() - started
     result = build_trainer(cfg, new_ray_run_name(cfg)).fit()
-    wall = time.perf_counter() - started
     history = result.metrics_dataframe
     times = [float(t) for t in history["train_time_s"]]
     for epoch, seconds in enumerate(times, start=1):
         print(f"ray    epoch {epoch}: {seconds:.1f} s")
     ray.shutdown()
-    return times, wall
+    return times, time.perf_counter() - started, init
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """Median with the range over rounds."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
 
 
 def main() -> None:
@@ -116,6 +125,7 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, default=1024)
     p.add_argument("--augment", default="hflip,affine")
     p.add_argument("--storage-path", default="ray_results/benchmarks")
+    p.add_argument("--rounds", type=int, default=3, help="alternating plain/Ray rounds")
     args = p.parse_args()
     cpus = max(1, torch.get_num_threads())
     cfg = TrainConfig(
@@ -130,19 +140,33 @@ def main() -> None:
         storage_path=args.storage_path,
         num_to_keep=args.epochs,  # Ray's metrics_dataframe holds the kept checkpoints' rows
     )
-    plain = plain_epochs(cfg)
-    ray_times, wall = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
-    step_rate = (
-        args.max_train_samples // args.batch_size * args.batch_size / (sum(plain) / len(plain))
-    )
-    input_rate = input_pipeline_rate(cfg)
     # the first epoch includes warm-up in both; compare the steady-state epochs when there are any
     skip = 1 if args.epochs > 1 else 0
-    ratio = sum(ray_times[skip:]) / sum(plain[skip:])
-    fixed = wall - sum(ray_times)
+    ratios, fixed, inits, plain_means = [], [], [], []
     print(
-        f"ray/plain epoch time: {ratio:.3f} (target <= 1.05); Ray start-up and evaluation "
-        f"outside the epochs: {fixed:.0f} s"
+        "| round | plain epoch s | Ray epoch s | Ray/plain | Ray outside the epochs s | of which ray.init s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in range(1, args.rounds + 1):
+        plain = plain_epochs(cfg)
+        ray_times, wall, init = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
+        p_mean = statistics.mean(plain[skip:])
+        r_mean = statistics.mean(ray_times[skip:])
+        ratios.append(r_mean / p_mean)
+        fixed.append(wall - sum(ray_times))
+        inits.append(init)
+        plain_means.append(p_mean)
+        print(
+            f"| {r} | {p_mean:.1f} | {r_mean:.1f} | {ratios[-1]:.3f} | {fixed[-1]:.1f} | {init:.1f} |",
+            flush=True,
+        )
+    images = args.max_train_samples // args.batch_size * args.batch_size
+    step_rate = images / statistics.median(plain_means)
+    input_rate = input_pipeline_rate(cfg)
+    print(
+        f"ray/plain epoch time: {_spread(ratios, '.3f')} over {args.rounds} rounds "
+        f"(target <= 1.05); Ray outside the epochs: {_spread(fixed, '.1f')} s "
+        f"(target <= 10), of which ray.init {_spread(inits, '.1f')} s"
     )
     print(
         f"input pipeline {input_rate:.0f} img/s, training step {step_rate:.0f} img/s: "
