@@ -90,13 +90,17 @@ def explanation(
     spec: ModelSpec, file: str, probs: np.ndarray, maps: np.ndarray, class_name: str = ""
 ) -> Explanation:
     """The :class:`Explanation` of one image from its probabilities (K,) and maps (K, h, w):
-    the map of ``class_name``, else of the predicted class."""
+    the map of ``class_name``, else of the predicted class (a binary model's: at its
+    operating threshold, as ``classify`` labels it)."""
     names = spec.class_names
     if len(probs) != len(names) or len(maps) != len(names):
         raise ServingError(
             f"{file}: {len(probs)} probabilities, {len(maps)} maps, {len(names)} classes"
         )
     predicted = int(np.argmax(probs))
+    if spec.task.startswith("binary") and spec.thresholds:
+        positive = spec.positive_index
+        predicted = positive if probs[positive] >= spec.thresholds[0] else 1 - positive
     chosen = class_index(spec, class_name) if class_name else predicted
     return Explanation(
         file=file,
