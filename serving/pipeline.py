@@ -50,11 +50,9 @@ class ServedEvaluation:
 def accuracy_at_threshold(spec, labels: np.ndarray, probs: np.ndarray) -> float | None:
     """Binary models: the accuracy of the label the operating threshold gives (the served
     label, ``ModelContract.prediction``); None without a threshold or for other tasks."""
-    if not spec.task.startswith("binary") or not spec.thresholds:
+    if spec.operating_threshold is None:
         return None
-    positive = spec.positive_index
-    predicted = np.where(probs[:, positive] >= spec.thresholds[0], positive, 1 - positive)
-    return float(np.mean(predicted == np.asarray(labels).reshape(-1)))
+    return float(np.mean(spec.predicted(probs) == np.asarray(labels).reshape(-1)))
 
 
 def evaluate_served(
@@ -107,7 +105,7 @@ def report(outcome: TrainOutcome, served: ServedEvaluation) -> None:
     """AUC and ACC (arg-max) both ways, and the served label's ACC at the operating
     threshold (binary models)."""
     here = accuracy_at_threshold(outcome.spec, outcome.test_labels, outcome.test_probs)
-    t = outcome.spec.thresholds[0] if here is not None else None
+    t = outcome.spec.operating_threshold
 
     def at(value: float | None) -> str:
         return "" if value is None or t is None else f"  ACC at threshold {t:.3f}: {value:.4f}"

@@ -108,6 +108,23 @@ class ModelSpec:
         """The positive class of a binary task ('' for other tasks)."""
         return self.class_names[self.positive_index] if self.task.startswith("binary") else ""
 
+    @property
+    def operating_threshold(self) -> float | None:
+        """Binary tasks: the threshold on P(finding) chosen on validation; None otherwise."""
+        binary = self.task.startswith("binary") and self.thresholds
+        return float(self.thresholds[0]) if binary else None
+
+    def predicted(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """The predicted class index of each row of ``probs`` ((N, K) or (K,)): a binary
+        task's finding where P(finding) >= ``threshold`` (None: :attr:`operating_threshold`),
+        else the other class; the arg-max for other tasks and specs without a threshold."""
+        probs = np.asarray(probs)
+        threshold = self.operating_threshold if threshold is None else threshold
+        if threshold is None or not self.task.startswith("binary"):
+            return np.argmax(probs, axis=-1)
+        positive = self.positive_index
+        return np.where(probs[..., positive] >= threshold, positive, 1 - positive)
+
     def temperatures(self):
         """The temperature per output column as a float32 array (1.0: uncalibrated)."""
         t = np.asarray(self.temperature or (1.0,), dtype=np.float32)

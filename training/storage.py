@@ -36,10 +36,6 @@ class RayStorage:
     def kwargs(self) -> dict[str, Any]:
         return {"storage_path": self.path, "storage_filesystem": self.filesystem}
 
-    def join(self, *parts: str) -> str:
-        """A run's folder inside this storage, as Ray names it (for ``Tuner.restore``)."""
-        return "/".join([self.path.rstrip("/"), *parts])
-
 
 def storage_endpoint(explicit: str = "") -> str:
     """The S3 endpoint URL to use: ``explicit``, else the first variable of

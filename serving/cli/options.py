@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.clients.contract import PROTOCOLS
-from serving.server.config import DEFAULT_MAX_REQUEST_BYTES, MODEL_CONTROL_MODES, ServerConfig
+from serving.server.config import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    MODEL_CONTROL_MODES,
+    ServerConfig,
+    triton_s3_url,
+)
 from serving.server.network import is_loopback
 
 if TYPE_CHECKING:
@@ -198,8 +203,17 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
             file=sys.stderr,
             flush=True,
         )
+    from training.errors import ConfigError
+
+    endpoint = getattr(args, "s3_endpoint", "")  # serve's; tritonserver reads s3:// itself
+    if endpoint and not args.repository.startswith("s3://"):
+        raise ConfigError(
+            f"--s3-endpoint {endpoint} needs an s3://BUCKET/PREFIX repository, "
+            f"got {args.repository!r}"
+        )
+    remote = args.repository.startswith("s3://")
     config = ServerConfig(
-        Path(args.repository),
+        triton_s3_url(args.repository, endpoint) if remote else Path(args.repository),
         host=host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

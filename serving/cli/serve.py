@@ -7,7 +7,6 @@ medimg serve --repository s3://models/medimg --s3-endpoint http://127.0.0.1:9000
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import TYPE_CHECKING
 
 from serving.cli.options import add_server_options, server_from_args
@@ -17,20 +16,9 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server.config import triton_s3_url
-    from serving.server.process import TritonServer, serve_foreground
+    from serving.server.process import serve_foreground
 
-    if args.s3_endpoint and not args.repository.startswith("s3://"):
-        from training.errors import ConfigError
-
-        raise ConfigError(
-            f"--s3-endpoint {args.s3_endpoint} needs an s3://BUCKET/PREFIX repository, "
-            f"got {args.repository!r}"
-        )
     server = server_from_args(args)
-    if args.repository.startswith("s3://"):  # tritonserver reads it itself
-        remote = triton_s3_url(args.repository, args.s3_endpoint)
-        server = TritonServer(dataclasses.replace(server.config, repository=remote))
 
     def ready(server: TritonServer) -> None:
         guard = f" (guarded, max {server.max_request_bytes} bytes)" if server.http_guard else ""

@@ -112,11 +112,9 @@ class ModelContract:
         """Binary models: the operating threshold on P(finding) that decides the label --
         ``--threshold`` if given, else the one training chose on validation (Youden's J,
         in the spec); None (arg-max) for other tasks and versions without one."""
-        if not self.spec.task.startswith("binary"):
-            return None
-        if self.threshold_override is not None:
+        if self.threshold_override is not None and self.spec.task.startswith("binary"):
             return self.threshold_override
-        return float(self.spec.thresholds[0]) if self.spec.thresholds else None
+        return self.spec.operating_threshold
 
     def with_threshold(self, threshold: float | None) -> ModelContract:
         """This contract with ``--threshold`` applied (None: unchanged); a model that is not
@@ -170,13 +168,10 @@ class ModelContract:
         names = self.spec.class_names
         if len(probs) != len(names):
             raise DataError(f"{self.model}: {len(probs)} outputs but {len(names)} class names")
-        threshold, label = self.threshold, names[int(np.argmax(probs))]
-        if threshold is not None:  # binary: the finding at or above the operating threshold
-            positive = self.spec.positive_index
-            label = names[positive if probs[positive] >= threshold else 1 - positive]
+        threshold = self.threshold
         return Prediction(
             file=file,
-            label=label,
+            label=names[int(self.spec.predicted(probs, threshold))],
             probabilities={n: float(v) for n, v in zip(names, probs, strict=True)},
             threshold=threshold,
         )

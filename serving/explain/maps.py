@@ -97,10 +97,7 @@ def explanation(
         raise ServingError(
             f"{file}: {len(probs)} probabilities, {len(maps)} maps, {len(names)} classes"
         )
-    predicted = int(np.argmax(probs))
-    if spec.task.startswith("binary") and spec.thresholds:
-        positive = spec.positive_index
-        predicted = positive if probs[positive] >= spec.thresholds[0] else 1 - positive
+    predicted = int(spec.predicted(probs))
     chosen = class_index(spec, class_name) if class_name else predicted
     return Explanation(
         file=file,

@@ -12,7 +12,6 @@ Path('/opt/tritonserver'), shm_prefix='medimg1-0a1b2c3d_'))"
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 from serving.server import token as repository_token
 from serving.server.network import is_loopback, url_host
 from training.errors import ConfigError
+from training.storage import storage_endpoint
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # the HTTP guard's limit on one request body
@@ -166,8 +166,7 @@ def triton_s3_url(url: str, endpoint: str = "") -> str:
         return url  # names its endpoint: Triton's form
     if not first:
         raise ConfigError(f"S3 repository {url!r} has no bucket (s3://BUCKET/PREFIX)")
-    envs = ("MEDIMG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    endpoint = endpoint or next((os.environ[e] for e in envs if os.environ.get(e)), "")
+    endpoint = storage_endpoint(endpoint)
     if not endpoint:
         return url
     parts = urlsplit(endpoint)
