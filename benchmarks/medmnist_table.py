@@ -13,6 +13,7 @@ and prints the wall time::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def epochs_for(dataset: str, spec: str) -> int:
 def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
     import ray
 
+    from serving.pipeline import accuracy_at_threshold
     from training.driver import train_and_register
     from training.recipes import build_config
 
@@ -80,11 +82,16 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
     if args.tune_samples:
         from training.tune import TuneSettings, run_tune
 
-        outcome = run_tune(cfg, TuneSettings(samples=args.tune_samples)).registered
+        settings = TuneSettings(
+            samples=args.tune_samples, time_budget_s=args.tune_budget_s, space_file=args.space
+        )
+        outcome = run_tune(cfg, settings).registered
     else:
         outcome = train_and_register(cfg)
     ray.shutdown()
+    at_threshold = accuracy_at_threshold(outcome.spec, outcome.test_labels, outcome.test_probs)
     return {
+        "acc_at_threshold": float("nan") if at_threshold is None else at_threshold,
         "auc": outcome.test["auc"],
         "acc": outcome.test["acc"],
         "val_auc": outcome.val["auc"],
@@ -138,6 +145,9 @@ def main() -> None:
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune-samples", type=int, default=0, help="tune N trials first (medimg tune)")
+    p.add_argument("--tune-budget-s", type=float, default=0.0, help="stop tuning after S s")
+    p.add_argument("--space", default="", help="search space YAML (default: medimg tune's)")
+    p.add_argument("--file", default="medmnist_table.md", help="name of the table file")
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--storage-path", default="ray_results/medmnist_table")
     p.add_argument(
@@ -164,10 +174,15 @@ def main() -> None:
     )
     text = table(results, label)
     detail = "\n".join(
-        f"- {d}: val AUC {r['val_auc']:.3f}, {r['seconds']:.0f} s" for d, r in results.items()
+        f"- {d}: val AUC {r['val_auc']:.3f}; test ACC at the operating threshold "
+        f"{r['acc_at_threshold']:.3f}; {r['seconds']:.0f} s"
+        for d, r in results.items()
     )
-    text += f"\n{detail}\n\nWall time {wall / 60:.1f} min on this machine.\n"
-    paths = write_text(folders, "medmnist_table.md", text)
+    command = "python benchmarks/medmnist_table.py " + " ".join(sys.argv[1:])
+    text += (
+        f"\n{detail}\n\nWall time {wall / 60:.1f} min on this machine.\n\n```bash\n{command}\n```\n"
+    )
+    paths = write_text(folders, args.file, text)
     print(text)
     print("written to " + ", ".join(map(str, paths)))
 

@@ -5,9 +5,9 @@ both alike), reported as medians with per-round ranges; plus the input pipeline'
 images/s against the training step's.
 
 Prints each round, then the median ratio of Ray's steady-state epoch time to the plain
-loop's (target <= 1.05) and Ray's fixed cost outside the epochs (target <= 10 s), split
-into starting Ray (``ray.init``) and the rest (worker group start, checkpoint reporting,
-shutdown)::
+loop's (target <= 1.05) and Ray's time outside the epochs (target <= 10 s), split into
+starting Ray (``ray.init``), starting the worker group, the worker's setup, validation,
+checkpoints and reports, and shutdown::
 
     python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 \
         --max-train-samples 1024 --rounds 3
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,6 +28,7 @@ from training.config import TrainConfig
 from training.data import DataOptions, open_split
 from training.epoch import Schedule, make_loss, make_optimizer, make_sampler, run_epoch
 from training.model import build_model
+from training.precision import resolve as resolve_precision
 from training.spec import ModelSpec
 
 
@@ -48,7 +50,8 @@ def plain_epochs(cfg: TrainConfig) -> list[float]:
     train = _train_split(cfg, spec)
     sampler = make_sampler(cfg, train.labels, train, 0, 1)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
-    model = build_model(spec.channels, spec.num_classes)
+    precision = resolve_precision(cfg, torch.device("cpu"))
+    model = build_model(spec.channels, spec.num_classes).to(memory_format=precision.memory_format)
     optimizer = make_optimizer(cfg, model.parameters())
     schedule = Schedule(cfg, optimizer)
     transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std)
@@ -64,6 +67,8 @@ def plain_epochs(cfg: TrainConfig) -> list[float]:
             optimizer=optimizer,
             spec=spec,
             device=torch.device("cpu"),
+            autocast=precision.autocast(),
+            memory_format=precision.memory_format,
         )
         schedule.step(0.0)
         times.append(stats.seconds)
@@ -90,9 +95,24 @@ def input_pipeline_rate(cfg: TrainConfig, batches: int = 50) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float, float]:
-    """Per-epoch ``run_epoch`` seconds reported by the Ray Train worker, the total wall
-    time (Ray started and shut down inside it), and the seconds ``ray.init`` took."""
+@dataclass
+class RayRun:
+    """One Ray Train run's steady epochs and where the rest of its wall time went."""
+
+    epochs: list[float]  # run_epoch seconds (what the plain loop times too)
+    wall: float  # ray.init to ray.shutdown returned
+    parts: dict[str, float]  # the wall time outside the epochs, by phase
+
+    @property
+    def outside(self) -> float:
+        return self.wall - sum(self.epochs)
+
+
+def ray_epochs(cfg: TrainConfig) -> RayRun:
+    """A Ray Train run started and shut down here, its wall time split into phases: starting
+    Ray, the worker group (fit() until the loop function runs), the worker's setup (data,
+    model), validation each epoch (work the plain loop does not do), checkpoints and
+    reports, and shutdown."""
     import ray
 
     from training.driver import new_ray_run_name
@@ -101,13 +121,24 @@ def ray_epochs(cfg: TrainConfig) -> tuple[list[float], float, float]:
     started = time.perf_counter()
     cfg = resolve_resources(cfg)
     init = time.perf_counter() - started
+    fit_at = time.time()
     result = build_trainer(cfg, new_ray_run_name(cfg)).fit()
+    fitted = time.perf_counter()
     history = result.metrics_dataframe
     times = [float(t) for t in history["train_time_s"]]
     for epoch, seconds in enumerate(times, start=1):
         print(f"ray    epoch {epoch}: {seconds:.1f} s")
     ray.shutdown()
-    return times, time.perf_counter() - started, init
+    wall = time.perf_counter() - started
+    parts = {
+        "ray.init": init,
+        "worker group start": float(history["loop_started_at"].iloc[0]) - fit_at,
+        "worker setup": float(history["setup_s"].iloc[0]),
+        "validation": float(history["val_time_s"].sum()),
+        "shutdown": time.perf_counter() - fitted,
+    }
+    parts["reports, checkpoints, end of run"] = wall - sum(times) - sum(parts.values())
+    return RayRun(times, wall, parts)
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -126,6 +157,7 @@ def main() -> None:
     p.add_argument("--augment", default="hflip,affine")
     p.add_argument("--storage-path", default="ray_results/benchmarks")
     p.add_argument("--rounds", type=int, default=3, help="alternating plain/Ray rounds")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (both loops)")
     args = p.parse_args()
     cpus = max(1, torch.get_num_threads())
     cfg = TrainConfig(
@@ -138,35 +170,39 @@ def main() -> None:
         augment=args.augment,
         cpus_per_worker=float(cpus),
         storage_path=args.storage_path,
+        precision=args.precision,
         num_to_keep=args.epochs,  # Ray's metrics_dataframe holds the kept checkpoints' rows
     )
     # the first epoch includes warm-up in both; compare the steady-state epochs when there are any
     skip = 1 if args.epochs > 1 else 0
-    ratios, fixed, inits, plain_means = [], [], [], []
-    print(
-        "| round | plain epoch s | Ray epoch s | Ray/plain | Ray outside the epochs s | of which ray.init s |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratios, fixed, plain_means = [], [], []
+    parts: dict[str, list[float]] = {}
+    print("| round | plain epoch s | Ray epoch s | Ray/plain | Ray outside the epochs s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for r in range(1, args.rounds + 1):
         plain = plain_epochs(cfg)
-        ray_times, wall, init = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
+        run = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
         p_mean = statistics.mean(plain[skip:])
-        r_mean = statistics.mean(ray_times[skip:])
+        r_mean = statistics.mean(run.epochs[skip:])
         ratios.append(r_mean / p_mean)
-        fixed.append(wall - sum(ray_times))
-        inits.append(init)
+        fixed.append(run.outside)
         plain_means.append(p_mean)
+        for name, seconds in run.parts.items():
+            parts.setdefault(name, []).append(seconds)
         print(
-            f"| {r} | {p_mean:.1f} | {r_mean:.1f} | {ratios[-1]:.3f} | {fixed[-1]:.1f} | {init:.1f} |",
+            f"| {r} | {p_mean:.1f} | {r_mean:.1f} | {ratios[-1]:.3f} | {fixed[-1]:.1f} |",
             flush=True,
         )
+    print("\n| Ray outside the epochs | seconds, median (range) |\n| --- | ---: |")
+    for name, values in parts.items():
+        print(f"| {name} | {_spread(values, '.1f')} |")
     images = args.max_train_samples // args.batch_size * args.batch_size
     step_rate = images / statistics.median(plain_means)
     input_rate = input_pipeline_rate(cfg)
     print(
         f"ray/plain epoch time: {_spread(ratios, '.3f')} over {args.rounds} rounds "
         f"(target <= 1.05); Ray outside the epochs: {_spread(fixed, '.1f')} s "
-        f"(target <= 10), of which ray.init {_spread(inits, '.1f')} s"
+        f"(target <= 10)"
     )
     print(
         f"input pipeline {input_rate:.0f} img/s, training step {step_rate:.0f} img/s: "

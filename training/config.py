@@ -90,7 +90,8 @@ class TrainConfig:
     aug_strength: float = 0.5  # 0..1, scales affine and contrast ranges
     class_weighting: str = "none"  # none | balanced (pos_weight for BCE, class weights for CE)
     sampler: str = "shuffle"  # shuffle | balanced (inverse-frequency weighted sampling)
-    amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16) | bf16 | fp16 | off
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX) | bf16 | fp16 | fp32
+    memory_format: str = "auto"  # auto (channels_last on CPU) | channels_last | contiguous
     seed: int = 0
     # Ray
     workers: int = 1
@@ -172,7 +173,8 @@ class TrainConfig:
             "scheduler": SCHEDULERS,
             "class_weighting": ("none", "balanced"),
             "sampler": ("shuffle", "balanced"),
-            "amp": ("auto", "bf16", "fp16", "off"),
+            "precision": ("auto", "bf16", "fp16", "fp32"),
+            "memory_format": ("auto", "channels_last", "contiguous"),
             "recipe": ("", *RECIPES),
             "calibration": ("temperature", "none"),
             "crop": ("", "center", "none"),
@@ -197,6 +199,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if "amp" in values:  # precision's name before 2026-12 (runs logged then can resume)
+            old = values["amp"]
+            values = {k: v for k, v in values.items() if k != "amp"}
+            values.setdefault("precision", "fp32" if old == "off" else old)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

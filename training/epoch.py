@@ -1,6 +1,7 @@
 """The pieces of one training epoch, shared by the Ray Train worker loop and the plain
 PyTorch loop of ``benchmarks/train_overhead.py``: loss with class weighting, optimizer,
-LR schedule, the (optionally class-balanced) distributed sampler, mixed precision::
+LR schedule, the (optionally class-balanced) distributed sampler, one epoch (its precision
+comes from ``training.precision``)::
 
     python -c "import numpy as np; from training.epoch import balanced_weights; \
 print(balanced_weights(np.array([[0], [0], [0], [1]]), 2, multi_label=False))"
@@ -141,25 +142,6 @@ def make_sampler(
     return WeightedDistributedSampler(weights, rank, world, cfg.seed)
 
 
-def amp_context(
-    cfg: TrainConfig, device: torch.device
-) -> tuple[Callable, torch.amp.GradScaler | None]:
-    """Autocast factory and a grad scaler (fp16 only). Mixed precision runs on CUDA only:
-    ``auto`` is off on CPU, an explicit ``bf16``/``fp16`` without CUDA is an error."""
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext, None
-    if device.type != "cuda":
-        raise ConfigError(
-            f"amp: {cfg.amp!r} needs a CUDA device, this worker trains on {device.type} "
-            "(use --amp auto or off)"
-        )
-    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    if cfg.amp == "auto" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-
-
 @dataclass
 class EpochStats:
     loss_sum: float
@@ -179,6 +161,7 @@ def run_epoch(
     device: torch.device,
     autocast: Callable = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
     on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; returns summed loss and timings (this rank only)."""
@@ -189,7 +172,7 @@ def run_epoch(
     waited = time.perf_counter()
     for step, (x, y) in enumerate(loader, start=1):
         load += time.perf_counter() - waited
-        x = transform(x.to(device, non_blocking=True))
+        x = transform(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         y = targets(spec, y.to(device, non_blocking=True))
         with autocast():
             loss = loss_fn(model(x), y)

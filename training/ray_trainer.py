@@ -33,7 +33,6 @@ from training.config import TrainConfig
 from training.data import DataOptions, open_split
 from training.epoch import (
     Schedule,
-    amp_context,
     make_loss,
     make_optimizer,
     make_sampler,
@@ -42,6 +41,7 @@ from training.epoch import (
 from training.errors import TrainingError
 from training.metrics import evaluate
 from training.model import build_model, load_weights, predict_proba, save_weights, unwrap
+from training.precision import resolve as resolve_precision
 from training.spec import ModelSpec
 from training.worker_logs import relay_to_driver, route_ray_output
 
@@ -56,6 +56,7 @@ METRIC_KEYS = (
     "train_time_s",
     "train_images_per_s",
     "data_wait_s",
+    "val_time_s",
     "lr",
 )
 
@@ -126,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    loop_started_at, setup_started = time.time(), time.perf_counter()
     cfg = TrainConfig.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -144,12 +146,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train) > cfg.batch_size
     )
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg, device)
     model = ray.train.torch.prepare_model(
-        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights)
+        build_model(spec.channels, spec.num_classes, cfg.pretrained_weights).to(
+            memory_format=precision.memory_format
+        )
     )
     optimizer = make_optimizer(cfg, model.parameters())
     schedule = Schedule(cfg, optimizer)
-    autocast, scaler = amp_context(cfg, device)
+    autocast, scaler = precision.autocast(), precision.scaler()
     loss_fn = make_loss(cfg, spec, train.labels).to(device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std, generator)
@@ -174,6 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.distributed.all_gather_object(hosts, here)
     if tracker is not None:
         tracker.tag("ray_worker_nodes", ",".join(hosts))
+        tracker.tag("train_precision", precision.name)
+    # where a run's time goes outside its epochs (benchmarks/train_overhead.py reads these)
+    timing = {"loop_started_at": loop_started_at, "setup_s": time.perf_counter() - setup_started}
 
     for epoch in range(start, cfg.epochs + 1):
         sampler.set_epoch(epoch)
@@ -197,14 +205,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
             autocast=autocast,
             scaler=scaler,
+            memory_format=precision.memory_format,
             on_step=on_step,
         )
         sums = torch.tensor([stats.loss_sum, stats.images], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(sums)  # on the device: NCCL reduces GPU tensors only
+        val_started = time.perf_counter()
         probs = _gather_probs(model, val_x, spec, rank, world)
         scores = evaluate(spec.task, val_y, probs)
         metrics = {
+            **timing,
+            "val_time_s": time.perf_counter() - val_started,
             "epoch": epoch,
             "train_loss": float(sums[0] / sums[1]),
             "val_auc": scores["auc"] if math.isfinite(scores["auc"]) else 0.0,

@@ -54,7 +54,19 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--aug-strength", "aug_strength", float, "0..1"),
     ("--class-weighting", "class_weighting", str, "none | balanced"),
     ("--sampler", "sampler", str, "shuffle | balanced"),
-    ("--amp", "amp", str, "auto | bf16 | fp16 | off (CUDA only)"),
+    (
+        "--precision",
+        "precision",
+        str,
+        "auto (bf16 autocast where the device has native bf16: CUDA, or CPUs with "
+        "AVX512-BF16/AMX; else fp32; fp16 on CUDA without bf16) | bf16 | fp16 (CUDA) | fp32",
+    ),
+    (
+        "--memory-format",
+        "memory_format",
+        str,
+        "auto (channels_last on CPU, contiguous on CUDA) | channels_last | contiguous",
+    ),
     (
         "--pretrained-weights",
         "pretrained_weights",

@@ -1,5 +1,5 @@
 """Training pieces: class weighting, balanced sampling, augmentation, recipes, pretrained
-weights, mixed-precision guard. Real tensors and real torchvision weights files."""
+weights. Real tensors and real torchvision weights files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from training.config import TrainConfig
 from training.epoch import (
     Schedule,
     WeightedDistributedSampler,
-    amp_context,
     balanced_weights,
     make_loss,
     make_optimizer,
@@ -134,11 +133,3 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path) -> None:
         build_model(1, 2, str(bad))
     with pytest.raises(ConfigError, match="no such file"):
         build_model(1, 2, str(tmp_path / "missing.pth"))
-
-
-def test_mixed_precision_needs_cuda() -> None:
-    cpu = torch.device("cpu")
-    autocast, scaler = amp_context(TrainConfig(amp="auto"), cpu)
-    assert scaler is None and autocast() is not None  # auto: off on CPU
-    with pytest.raises(ConfigError, match="CUDA"):
-        amp_context(TrainConfig(amp="fp16"), cpu)
