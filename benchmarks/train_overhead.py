@@ -4,21 +4,25 @@ in ALTERNATING ROUNDS in one process (plain, Ray, plain, Ray, ...: a noisy machi
 both alike), reported as medians with per-round ranges; plus the input pipeline's
 images/s against the training step's.
 
-Prints each round, then the median ratio of Ray's steady-state epoch time to the plain
-loop's (target <= 1.05) and Ray's time outside the epochs (target <= 10 s), split into
-starting Ray (``ray.init``), starting the worker group, the worker's setup, validation,
-checkpoints and reports, and shutdown::
+With ``--with-task`` each round also runs the plain loop inside a plain Ray task, which
+separates what any Ray worker process costs from what Ray Train adds. Prints each round,
+then the median ratio of Ray's steady-state epoch time to the plain loop's (target
+<= 1.05) and Ray's time outside the epochs (target <= 10 s), split into starting Ray
+(``ray.init``), starting the worker group, the worker's setup, validation, checkpoints
+and reports, and shutdown::
 
-    python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 2 \
-        --max-train-samples 1024 --rounds 3
+    python benchmarks/train_overhead.py --data-dir ../shared/data --epochs 3 \
+        --max-train-samples 1024 --rounds 2 --with-task
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -141,6 +145,26 @@ def ray_epochs(cfg: TrainConfig) -> RayRun:
     return RayRun(times, wall, parts)
 
 
+def task_epochs(cfg: TrainConfig) -> list[float]:
+    """The plain loop inside a Ray task on a new local instance: what running in a Ray
+    worker process costs by itself, before anything Ray Train adds."""
+    import ray
+
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here.parent), str(here)])
+    ray.init(
+        address="local",
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    try:
+        task = ray.remote(num_cpus=cfg.cpus_per_worker)(plain_epochs)
+        return ray.get(task.remote(cfg))
+    finally:
+        ray.shutdown()
+
+
 def _spread(values: list[float], fmt: str) -> str:
     """Median with the range over rounds."""
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
@@ -158,6 +182,9 @@ def main() -> None:
     p.add_argument("--storage-path", default="ray_results/benchmarks")
     p.add_argument("--rounds", type=int, default=3, help="alternating plain/Ray rounds")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (both loops)")
+    p.add_argument(
+        "--with-task", action="store_true", help="also the plain loop inside a plain Ray task"
+    )
     args = p.parse_args()
     cpus = max(1, torch.get_num_threads())
     cfg = TrainConfig(
@@ -175,14 +202,21 @@ def main() -> None:
     )
     # the first epoch includes warm-up in both; compare the steady-state epochs when there are any
     skip = 1 if args.epochs > 1 else 0
-    ratios, fixed, plain_means = [], [], []
+    ratios, task_ratios, fixed, plain_means = [], [], [], []
     parts: dict[str, list[float]] = {}
-    print("| round | plain epoch s | Ray epoch s | Ray/plain | Ray outside the epochs s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| round | plain epoch s | in a Ray task s | task/plain | Ray Train epoch s | "
+        "Ray Train/plain | Ray Train outside the epochs s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in range(1, args.rounds + 1):
-        plain = plain_epochs(cfg)
+        p_mean = statistics.mean(plain_epochs(cfg)[skip:])
+        t_cell = "-", "-"
+        if args.with_task:
+            t_mean = statistics.mean(task_epochs(cfg)[skip:])
+            task_ratios.append(t_mean / p_mean)
+            t_cell = f"{t_mean:.1f}", f"{task_ratios[-1]:.3f}"
         run = ray_epochs(TrainConfig.from_dict(cfg.to_dict()))
-        p_mean = statistics.mean(plain[skip:])
         r_mean = statistics.mean(run.epochs[skip:])
         ratios.append(r_mean / p_mean)
         fixed.append(run.outside)
@@ -190,9 +224,12 @@ def main() -> None:
         for name, seconds in run.parts.items():
             parts.setdefault(name, []).append(seconds)
         print(
-            f"| {r} | {p_mean:.1f} | {r_mean:.1f} | {ratios[-1]:.3f} | {fixed[-1]:.1f} |",
+            f"| {r} | {p_mean:.1f} | {t_cell[0]} | {t_cell[1]} | {r_mean:.1f} | "
+            f"{ratios[-1]:.3f} | {fixed[-1]:.1f} |",
             flush=True,
         )
+    if task_ratios:
+        print(f"in a Ray task/plain: {_spread(task_ratios, '.3f')}")
     print("\n| Ray outside the epochs | seconds, median (range) |\n| --- | ---: |")
     for name, values in parts.items():
         print(f"| {name} | {_spread(values, '.1f')} |")

@@ -88,6 +88,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | multistep (50%/75%) | plateau (val AUC, /10) | none
     augment: str = ""  # comma-separated: hflip, affine, contrast ("" for none)
     aug_strength: float = 0.5  # 0..1, scales affine and contrast ranges
+    label_smoothing: float = 0.0  # 0..0.5: cross-entropy targets (1 - e) + e / classes
     class_weighting: str = "none"  # none | balanced (pos_weight for BCE, class weights for CE)
     sampler: str = "shuffle"  # shuffle | balanced (inverse-frequency weighted sampling)
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX) | bf16 | fp16 | fp32
@@ -160,6 +161,12 @@ class TrainConfig:
                 self.val_fraction + self.test_fraction,
             ),
             (0 <= self.aug_strength <= 1, "aug_strength", "between 0 and 1", self.aug_strength),
+            (
+                0 <= self.label_smoothing <= 0.5,
+                "label_smoothing",
+                "between 0 and 0.5",
+                self.label_smoothing,
+            ),
             (
                 not self.storage_endpoint or self.storage_path.startswith("s3://"),
                 "storage_endpoint",

@@ -41,15 +41,28 @@ def balanced_weights(labels: np.ndarray, num_classes: int, *, multi_label: bool)
 
 def make_loss(cfg: TrainConfig, spec: ModelSpec, labels: np.ndarray) -> nn.Module:
     """BCE-with-logits for multi-label data, cross-entropy otherwise; weighted when
-    ``class_weighting == "balanced"``."""
+    ``class_weighting == "balanced"``; ``label_smoothing`` softens the targets (for BCE:
+    each label's 0/1 becomes e/2 and 1 - e/2)."""
     weights = None
     if cfg.class_weighting == "balanced":
         weights = torch.from_numpy(
             balanced_weights(labels, spec.num_classes, multi_label=spec.multi_label)
         )
     if spec.multi_label:
-        return nn.BCEWithLogitsLoss(pos_weight=weights)
-    return nn.CrossEntropyLoss(weight=weights)
+        bce = nn.BCEWithLogitsLoss(pos_weight=weights)
+        if not cfg.label_smoothing:
+            return bce
+        return _SmoothedBCE(bce, cfg.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+
+class _SmoothedBCE(nn.Module):
+    def __init__(self, bce: nn.BCEWithLogitsLoss, smoothing: float) -> None:
+        super().__init__()
+        self.bce, self.smoothing = bce, smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target * (1 - self.smoothing) + self.smoothing / 2)
 
 
 def targets(spec: ModelSpec, y: torch.Tensor) -> torch.Tensor:

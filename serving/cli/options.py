@@ -52,6 +52,7 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--scheduler", "scheduler", str, "cosine | multistep | plateau | none"),
     ("--augment", "augment", str, "comma-separated: hflip, affine, contrast"),
     ("--aug-strength", "aug_strength", float, "0..1"),
+    ("--label-smoothing", "label_smoothing", float, "0..0.5 (cross-entropy / BCE targets)"),
     ("--class-weighting", "class_weighting", str, "none | balanced"),
     ("--sampler", "sampler", str, "shuffle | balanced"),
     (

@@ -133,3 +133,21 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path) -> None:
         build_model(1, 2, str(bad))
     with pytest.raises(ConfigError, match="no such file"):
         build_model(1, 2, str(tmp_path / "missing.pth"))
+
+
+def test_label_smoothing_softens_the_targets(tmp_path: Path) -> None:
+    spec = ModelSpec("x", "binary-class", ("a", "b"), 32, 1)
+    labels = np.array([[0], [1]])
+    sharp = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])  # confident and right
+    plain = make_loss(TrainConfig(data_dir=str(tmp_path)), spec, labels)
+    smooth = make_loss(TrainConfig(data_dir=str(tmp_path), label_smoothing=0.2), spec, labels)
+    target = torch.tensor([0, 1])
+    assert plain(sharp, target) < 1e-6 < 1.0 < smooth(sharp, target)  # over-confidence costs
+    multi = ModelSpec("m", "multi-label, binary-class", ("a", "b"), 32, 1)
+    bce = make_loss(TrainConfig(data_dir=str(tmp_path), label_smoothing=0.2), multi, labels)
+    # the smoothed BCE's optimum is at p = 1 - e/2 = 0.9 for a positive label
+    best = torch.logit(torch.tensor([[0.9, 0.1]]))
+    worse = torch.logit(torch.tensor([[0.99, 0.01]]))
+    assert bce(best, torch.tensor([[1.0, 0.0]])) < bce(worse, torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TrainConfig(label_smoothing=0.7)
