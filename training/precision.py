@@ -86,6 +86,15 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16  # asked for: emulated where the CPU has no native bf16
 
 
+def check_workers_can(cfg: TrainConfig) -> None:
+    """Refuse what the workers' device cannot do, once resources are resolved (``use_gpu``)."""
+    if cfg.precision == "fp16" and not cfg.use_gpu:
+        raise ConfigError(
+            "precision: 'fp16' needs CUDA workers and this run trains on CPUs "
+            "(use --precision auto, bf16 or fp32, or --gpus-per-worker)"
+        )
+
+
 def resolve(cfg: TrainConfig, device: torch.device) -> Precision:
     """``cfg.precision`` and ``cfg.memory_format`` for ``device``."""
     fmt = cfg.memory_format

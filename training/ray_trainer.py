@@ -41,6 +41,7 @@ from training.epoch import (
 from training.errors import TrainingError
 from training.metrics import evaluate
 from training.model import build_model, load_weights, predict_proba, save_weights, unwrap
+from training.precision import check_workers_can
 from training.precision import resolve as resolve_precision
 from training.spec import ModelSpec
 from training.worker_logs import relay_to_driver, route_ray_output
@@ -309,6 +310,7 @@ def resolve_resources(cfg: TrainConfig) -> TrainConfig:
         total = int(resources.get("CPU", 1))
         largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
         cfg.cpus_per_worker = float(max(1, min(total // cfg.workers, int(largest))))
+    check_workers_can(cfg)  # here in the driver, not in every worker
     return cfg
 
 

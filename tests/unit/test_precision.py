@@ -14,7 +14,7 @@ from training.config import TrainConfig
 from training.epoch import make_optimizer, run_epoch
 from training.errors import ConfigError
 from training.model import build_model
-from training.precision import cpu_supports_bf16, resolve
+from training.precision import check_workers_can, cpu_supports_bf16, resolve
 from training.spec import ModelSpec
 
 CPU = torch.device("cpu")
@@ -49,6 +49,9 @@ def test_explicit_choices_and_what_cpu_cannot_do() -> None:
         resolve(TrainConfig(precision="fp16"), CPU)
     with pytest.raises(ConfigError, match="precision: expected one of"):
         TrainConfig(precision="int8")
+    with pytest.raises(ConfigError, match="'fp16' needs CUDA workers"):
+        check_workers_can(TrainConfig(precision="fp16"))
+    check_workers_can(TrainConfig(precision="fp16", use_gpu=True, gpus_per_worker=1))
 
 
 def test_runs_logged_with_the_old_amp_field_still_load() -> None:
