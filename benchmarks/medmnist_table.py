@@ -168,7 +168,8 @@ def main() -> None:
     results = {d: run_one(d, args) for d in args.datasets.split(",") if d}
     wall = time.perf_counter() - started
     label = (
-        f"medimg DenseNet-121 ({args.image_size} px from {args.size} px files, epochs {args.epochs}"
+        f"medimg DenseNet-121 ({'image size tuned' if args.tune_samples else f'{args.image_size} px'}"
+        f" from {args.size} px files, epochs {args.epochs}"
         + (f", tuned {args.tune_samples} trials" if args.tune_samples else "")
         + ")"
     )
