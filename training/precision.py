@@ -30,11 +30,9 @@ _NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 @functools.cache
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16)."""
-    try:
+    with contextlib.suppress(AttributeError, RuntimeError):  # a private API: may go away
         caps = torch._C._cpu._get_cpu_capability()  # torch's own cpuinfo probe
         return any(bool(caps.get(flag)) for flag in _NATIVE_BF16)
-    except (AttributeError, RuntimeError):
-        pass
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
