@@ -135,7 +135,8 @@ def preflight(cfg: TrainConfig) -> ModelSpec:
 def _train_in_run(cfg: TrainConfig, ray_name: str) -> TrainOutcome:
     import mlflow
 
-    from training.ray_trainer import fit, resolve_resources
+    from training.ray_cluster import resolve_resources
+    from training.ray_trainer import fit
 
     spec = preflight(cfg)
     if spec.task == "ordinal-regression":
@@ -167,6 +168,7 @@ def finish_run(cfg: TrainConfig, best: Best) -> TrainOutcome:
             "best_val_auc": val_scores["auc"],
             "best_val_acc": val_scores["acc"],
             "best_epoch": best.metrics["epoch"],
+            **best.timing,  # Ray's start and end of this run (training.ray_trainer.ray_timing)
         }
     )
     model = build_model(spec.channels, spec.num_classes)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ from training.epoch import (
 from training.errors import TrainingError
 from training.metrics import evaluate
 from training.model import build_model, load_weights, predict_proba, save_weights, unwrap
-from training.precision import check_workers_can
 from training.precision import resolve as resolve_precision
+from training.ray_cluster import resolve_resources
 from training.spec import ModelSpec
-from training.worker_logs import relay_to_driver, route_ray_output
+from training.worker_logs import relay_to_driver
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
@@ -251,67 +250,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
             torch.save(state, Path(tmp) / STATE_FILE)
+            metrics["reported_at"] = time.time()  # fit() times the end of the run from this
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if tracker is not None:  # after the checkpoint is safe: a restart re-logs if needed
             tracker.log(epoch, metrics)
-
-
-def ray_address(cfg: TrainConfig) -> str:
-    """``--ray-address``, else ``RAY_ADDRESS``, else ``"local"``: a new local instance.
-    Never Ray's own fallback for no address, which joins whatever the last ``ray start``
-    on this machine wrote to ``ray_current_cluster`` and, when that cluster is gone,
-    waits on its dead address for minutes."""
-    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-
-
-def init_ray(cfg: TrainConfig, **kwargs: Any) -> None:
-    """Start or join Ray as :func:`ray_address` says; a new local instance gets
-    :func:`local_dashboard`. Workers' output is routed (``training.worker_logs``)."""
-    import ray
-
-    address = ray_address(cfg)
-    if address == "local":
-        kwargs = {**local_dashboard(), **kwargs}
-    ray.init(address=address, log_to_driver=True, configure_logging=False, **kwargs)
-    route_ray_output()  # workers' records as records; Ray's lines to a listening console
-
-
-def local_dashboard() -> dict[str, Any]:
-    """For a new local instance: the dashboard on a free loopback port, and that address in
-    every worker's environment. Train V2's PlacementGroupCleaner, which frees the workers
-    of a finished or stopped run, finds the State API by auto-detection, which fails when
-    another Ray instance runs on this machine ("Found multiple active Ray instances"): a
-    tuning job's next trial then waits for those CPUs forever (WorkerGroupStartupTimeoutError)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    return {"dashboard_port": port, "runtime_env": {"env_vars": env}}
-
-
-def resolve_resources(cfg: TrainConfig) -> TrainConfig:
-    """Start or join Ray (``ray_address``), then fill in CPUs and GPUs per worker: GPUs
-    when asked for or when this machine has CUDA, else the cluster's CPUs shared out."""
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(cfg)
-    if cfg.gpus_per_worker > 0:
-        cfg.use_gpu = True
-    elif cfg.use_gpu or (not cfg.ray_address and torch.cuda.is_available()):
-        cfg.use_gpu, cfg.gpus_per_worker = True, 1.0
-    resources = ray.cluster_resources()
-    if cfg.use_gpu and resources.get("GPU", 0) < cfg.gpus_per_worker * cfg.workers:
-        raise TrainingError(
-            f"{cfg.workers} worker(s) x {cfg.gpus_per_worker} GPU need "
-            f"{cfg.workers * cfg.gpus_per_worker:g} GPUs; the Ray cluster has {resources.get('GPU', 0):g}"
-        )
-    if not cfg.cpus_per_worker:  # share the CPUs out, but no worker asks for more than a node has
-        total = int(resources.get("CPU", 1))
-        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-        cfg.cpus_per_worker = float(max(1, min(total // cfg.workers, int(largest))))
-    check_workers_can(cfg)  # here in the driver, not in every worker
-    return cfg
 
 
 def build_trainer(cfg: TrainConfig, run_name: str, *, callbacks: list | None = None):
@@ -352,6 +294,8 @@ class Best:
 
     metrics: dict[str, Any]
     state: dict[str, torch.Tensor]
+    # Ray's share of the run's wall time outside the epochs, by phase (seconds)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def best_from_result(result) -> Best:
@@ -365,12 +309,33 @@ def best_from_result(result) -> Best:
     return Best(metrics=dict(metrics), state=state)
 
 
+def ray_timing(result, fit_started: float, fit_ended: float) -> dict[str, float]:
+    """Where Ray's fixed cost went in a finished run, from the worker's timestamps:
+    ``ray_worker_start_s`` (fit() until the loop function ran: controller, placement,
+    worker process, imports) and ``ray_run_end_s`` (the last report until fit() returned:
+    the controller noticing the end, stopping workers)."""
+    latest = result.metrics or {}
+    rows = [metrics for _, metrics in result.best_checkpoints or []] + [latest]
+    # a resumed run's older checkpoints carry the previous fit()'s start
+    starts = [m["loop_started_at"] for m in rows if m.get("loop_started_at", 0) >= fit_started]
+    if not starts or "reported_at" not in latest:
+        return {}
+    return {
+        "ray_worker_start_s": min(starts) - fit_started,
+        "ray_run_end_s": fit_ended - latest["reported_at"],
+    }
+
+
 def fit(cfg: TrainConfig, run_name: str) -> Best:
     """Run (or continue) the Ray Train run ``run_name``; return its best checkpoint."""
     cfg = resolve_resources(cfg)
     trainer = build_trainer(cfg, run_name)
+    fit_started = time.time()
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in its own types
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}") from exc
-    return best_from_result(result)
+    fit_ended = time.time()
+    best = best_from_result(result)
+    best.timing = ray_timing(result, fit_started, fit_ended)
+    return best

@@ -105,7 +105,7 @@ def _init_ray(cfg: TrainConfig, max_concurrent: int) -> TrainConfig:
     """Start or join Ray; share the CPUs between ``max_concurrent`` trials of W workers."""
     import ray
 
-    from training.ray_trainer import init_ray, resolve_resources
+    from training.ray_cluster import init_ray, resolve_resources
 
     if not ray.is_initialized():
         init_ray(cfg)
