@@ -3,10 +3,16 @@ default ``medimg pipeline`` config unless told otherwise) in fp32 and in ``--pre
 auto`` (bf16 autocast + channels-last where the CPU has native bf16), for several seeds,
 alternating (seed 0 fp32, seed 0 auto, seed 1 fp32, ...), each model chosen on val and
 its test split touched once, as ``medimg train`` does. Prints each run, then per
-precision the mean and sample standard deviation of test AUC / ACC and the training
-images/s, and the AUC difference next to the seed-to-seed spread::
+variant the mean and sample standard deviation of test AUC / ACC and the training
+images/s, and the AUC difference next to the seed-to-seed spread.
+
+``--variants`` compares any other training options the same way (the first variant is
+the baseline), on a base config changed by ``--set``::
 
     python benchmarks/precision_seeds.py --data-dir ../shared/data --seeds 0,1,2
+    python benchmarks/precision_seeds.py --data-dir ../shared/data --dataset breastmnist \
+        --set epochs=40,batch_size=64,augment=hflip+affine,class_weighting=balanced \
+        --variants "off:ema_decay=0;ema:ema_decay=0.98" --file ema_seeds.md
 """
 
 from __future__ import annotations
@@ -15,33 +21,64 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from serving.perf.comparison.output import destinations, run_folder, write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-VARIANTS = {"fp32": ("fp32", "contiguous"), "auto": ("auto", "auto")}
+DEFAULT_VARIANTS = (
+    "fp32:precision=fp32,memory_format=contiguous;auto:precision=auto,memory_format=auto"
+)
 
 
-def train_once(args: argparse.Namespace, seed: int, variant: str) -> dict[str, float]:
+def parse_options(text: str) -> dict[str, str]:
+    """``k=v,k=v`` (a ``+`` inside a value stands for a comma: ``augment=hflip+affine``)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"options: expected k=v,k=v, got {text!r}")
+    return {k.strip(): v.strip().replace("+", ",") for k, v in pairs}
+
+
+def typed(base: dict[str, Any], options: dict[str, str]) -> dict[str, Any]:
+    """Option strings as the types of ``base``'s fields (a ``TrainConfig`` as a dict)."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in base:
+            raise SystemExit(f"unknown training option {name!r}")
+        kind = type(base[name])
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def parse_variants(text: str) -> dict[str, dict[str, str]]:
+    """``name:k=v,k=v;name:k=v`` as {name: options}."""
+    variants = {}
+    for part in text.split(";"):
+        name, _, options = part.partition(":")
+        variants[name.strip()] = parse_options(options)
+    return variants
+
+
+def train_once(
+    args: argparse.Namespace, seed: int, variant: str, options: dict[str, str]
+) -> dict[str, float]:
     import ray
     from mlflow import MlflowClient
 
     from training.config import TrainConfig
     from training.driver import train_and_register
 
-    precision, memory_format = VARIANTS[variant]
-    cfg = TrainConfig(
+    base = TrainConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
         epochs=args.epochs,
         seed=seed,
-        precision=precision,
-        memory_format=memory_format,
         tracking_uri=args.tracking_uri,
         experiment="precision-seeds",
         storage_path=args.storage_path,
-        model_name=f"{args.dataset}-precision-{variant}",
-    )
+        model_name=f"{args.dataset}-seeds-{variant}",
+    ).to_dict()
+    cfg = TrainConfig.from_dict({**base, **typed(base, {**args.base, **options})})
     started = time.perf_counter()
     outcome = train_and_register(cfg)
     seconds = time.perf_counter() - started
@@ -67,6 +104,9 @@ def main() -> None:
     p.add_argument("--data-dir", default="")
     p.add_argument("--epochs", type=int, default=3, help="the pipeline's default: 3")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", default="", help="base options k=v,k=v (+ for a comma in a value)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="name:k=v,...;name:k=v,...")
+    p.add_argument("--file", default="precision_seeds.md", help="name of the results file")
     p.add_argument("--out", default="", help="results folder (default bench-results/...)")
     p.add_argument("--record", action="store_true", help="also write into benchmarks/results/")
     args = p.parse_args()
@@ -77,15 +117,19 @@ def main() -> None:
     args.tracking_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     args.storage_path = str((out / "ray_results").resolve())
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    args.base = parse_options(args.set)
+    variants = parse_variants(args.variants)
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     lines = [
-        "| seed | precision | test AUC | test ACC | val AUC | train img/s | run s |",
+        f"base options: {args.set or '(the pipeline default)'}; variants: {args.variants}",
+        "",
+        "| seed | variant | test AUC | test ACC | val AUC | train img/s | run s |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
     for seed in seeds:
-        for variant in VARIANTS:
-            r = train_once(args, seed, variant)
+        for variant, options in variants.items():
+            r = train_once(args, seed, variant, options)
             runs[variant].append(r)
             lines.append(
                 f"| {seed} | {variant} | {r['test_auc']:.4f} | {r['test_acc']:.4f} | "
@@ -94,7 +138,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     lines += [
         "",
-        "| precision | test AUC | test ACC | train img/s |",
+        "| variant | test AUC | test ACC | train img/s |",
         "| --- | ---: | ---: | ---: |",
     ]
     for variant, rs in runs.items():
@@ -103,13 +147,20 @@ def main() -> None:
             f"{_mean_sd([r['test_acc'] for r in rs], '.4f')} | "
             f"{_mean_sd([r['images_per_s'] for r in rs], '.1f')} |"
         )
-    diff = statistics.mean(r["test_auc"] for r in runs["auto"]) - statistics.mean(
-        r["test_auc"] for r in runs["fp32"]
+    baseline, *others = variants
+    spread = max(
+        (statistics.stdev(r["test_auc"] for r in rs) for rs in runs.values() if len(rs) > 1),
+        default=float("nan"),
     )
-    spread = max(statistics.stdev(r["test_auc"] for r in rs) for rs in runs.values())
-    lines.append(f"\nauto - fp32 mean test AUC: {diff:+.4f}; largest seed-to-seed SD: {spread:.4f}")
-    print("\n".join(lines[-(len(VARIANTS) + 3) :]), flush=True)
-    for path in write_text(folders, "precision_seeds.md", "\n".join(lines) + "\n"):
+    lines.append("")
+    for other in others:
+        diff = statistics.mean(r["test_auc"] for r in runs[other]) - statistics.mean(
+            r["test_auc"] for r in runs[baseline]
+        )
+        lines.append(f"{other} - {baseline} mean test AUC: {diff:+.4f}")
+    lines.append(f"largest seed-to-seed SD: {spread:.4f}")
+    print("\n".join(lines[-(len(variants) + len(others) + 4) :]), flush=True)
+    for path in write_text(folders, args.file, "\n".join(lines) + "\n"):
         print(f"wrote {path}")
 
 

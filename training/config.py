@@ -89,6 +89,7 @@ class TrainConfig:
     augment: str = ""  # comma-separated: hflip, affine, contrast ("" for none)
     aug_strength: float = 0.5  # 0..1, scales affine and contrast ranges
     label_smoothing: float = 0.0  # 0..0.5: cross-entropy targets (1 - e) + e / classes
+    ema_decay: float = 0.0  # 0: off; 0 < d < 1: validate/keep an EMA of the weights (training.ema)
     class_weighting: str = "none"  # none | balanced (pos_weight for BCE, class weights for CE)
     sampler: str = "shuffle"  # shuffle | balanced (inverse-frequency weighted sampling)
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX) | bf16 | fp16 | fp32
@@ -166,6 +167,12 @@ class TrainConfig:
                 "label_smoothing",
                 "between 0 and 0.5",
                 self.label_smoothing,
+            ),
+            (
+                0 <= self.ema_decay < 1,
+                "ema_decay",
+                "0 (off) or between 0 and 1 (e.g. 0.99)",
+                self.ema_decay,
             ),
             (
                 not self.storage_endpoint or self.storage_path.startswith("s3://"),

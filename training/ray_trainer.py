@@ -30,6 +30,7 @@ from training import progress
 from training.augment import BatchTransform
 from training.config import TrainConfig
 from training.data import DataOptions, open_split
+from training.ema import WeightAverage
 from training.epoch import (
     Schedule,
     make_loss,
@@ -109,17 +110,23 @@ class _MlflowEpochs:
         self.client.set_tag(self.run_id, key, value)
 
 
-def _restore(checkpoint, model, optimizer, schedule, scaler) -> tuple[int, dict]:
-    """Load a checkpoint's weights and training state; return (its epoch, its metrics)."""
+def _restore(checkpoint, model, optimizer, schedule, scaler) -> tuple[int, dict, Any]:
+    """Load a checkpoint's weights and training state; return (its epoch, its metrics, the
+    weight average to continue: (its weights, its state), or None)."""
     with checkpoint.as_directory() as d:
         weights = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    unwrap(model).load_state_dict(weights["state_dict"])
+    average = None
+    if state.get("ema"):  # model.pt holds the average; the trained weights are in the state
+        average = weights["state_dict"], state["ema"]
+        unwrap(model).load_state_dict(state["model"])
+    else:
+        unwrap(model).load_state_dict(weights["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["epoch"]), dict(state["metrics"])
+    return int(state["epoch"]), dict(state["metrics"]), average
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -160,12 +167,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std, generator)
     tracker = _MlflowEpochs(cfg) if rank == 0 and cfg.mlflow_run_id else None
 
-    start = 1
+    start, average = 1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.resume_from:
         checkpoint = ray.train.Checkpoint(cfg.resume_from)
     if checkpoint is not None:
-        done, done_metrics = _restore(checkpoint, model, optimizer, schedule, scaler)
+        done, done_metrics, average = _restore(checkpoint, model, optimizer, schedule, scaler)
         start = done + 1
         if rank == 0:
             log.info(
@@ -173,6 +180,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         if tracker is not None and done not in tracker.logged_epochs():
             tracker.log(done, done_metrics)  # killed between checkpoint and MLflow log
+    ema = WeightAverage(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and average is not None:
+        ema.load(*average)
+    evaluated = ema.module if ema is not None else model  # validated, checkpointed, exported
     here = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     hosts: list[Any] = [here] * world
     if world > 1:
@@ -190,6 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_step(
             step: int, steps: int, loss: float, seen: int, epoch=epoch, started=started
         ) -> None:
+            if ema is not None:
+                ema.update(unwrap(model))
             if rank == 0 and (step % 25 == 0 or step == steps):
                 seconds = time.perf_counter() - started
                 rate = seen * world / seconds
@@ -212,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             torch.distributed.all_reduce(sums)  # on the device: NCCL reduces GPU tensors only
         val_started = time.perf_counter()
-        probs = _gather_probs(model, val_x, spec, rank, world)
+        probs = _gather_probs(evaluated, val_x, spec, rank, world)
         scores = evaluate(spec.task, val_y, probs)
         metrics = {
             **timing,
@@ -241,8 +254,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds=metrics["epoch_time_s"],
         )
         with tempfile.TemporaryDirectory() as tmp:
-            save_weights(model, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
+            save_weights(evaluated, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
             state = {
+                **(
+                    {"ema": ema.state_dict(), "model": unwrap(model).state_dict()}
+                    if ema is not None
+                    else {}
+                ),
                 "epoch": epoch,
                 "metrics": metrics,
                 "optimizer": optimizer.state_dict(),

@@ -53,6 +53,12 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--augment", "augment", str, "comma-separated: hflip, affine, contrast"),
     ("--aug-strength", "aug_strength", float, "0..1"),
     ("--label-smoothing", "label_smoothing", float, "0..0.5 (cross-entropy / BCE targets)"),
+    (
+        "--ema-decay",
+        "ema_decay",
+        float,
+        "0: off; e.g. 0.99: validate, checkpoint and export an EMA of the weights",
+    ),
     ("--class-weighting", "class_weighting", str, "none | balanced"),
     ("--sampler", "sampler", str, "shuffle | balanced"),
     (
