@@ -73,6 +73,7 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
         augment=args.augment,
         class_weighting=args.class_weighting,
         scheduler=args.scheduler,
+        ema_decay=args.ema_decay,
         tracking_uri=args.tracking_uri,
         experiment="medmnist-table",
         storage_path=args.storage_path,
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--class-weighting", default="balanced")
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="0: off (see medimg train)")
     p.add_argument("--tune-samples", type=int, default=0, help="tune N trials first (medimg tune)")
     p.add_argument("--tune-budget-s", type=float, default=0.0, help="stop tuning after S s")
     p.add_argument("--space", default="", help="search space YAML (default: medimg tune's)")
@@ -171,6 +173,7 @@ def main() -> None:
         f"medimg DenseNet-121 ({'image size tuned' if args.tune_samples else f'{args.image_size} px'}"
         f" from {args.size} px files, epochs {args.epochs}"
         + (f", tuned {args.tune_samples} trials" if args.tune_samples else "")
+        + (f", EMA {args.ema_decay:g}" if args.ema_decay else "")
         + ")"
     )
     text = table(results, label)
