@@ -60,7 +60,7 @@ def train_env() -> dict[str, str]:
     """Ray Train settings for every worker (a value already in this environment wins).
     The controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; Ray's
     2 s default is also how long a finished run can wait before it ends, which measured
-    3.0-4.9 s of every run's end (``benchmarks/train_overhead.py``) against 0.4-1.4 s at
+    3.0-4.9 s of every run's end (``benchmarks/train_overhead.py``) against 0.4-1.5 s at
     0.25 s. A poll is one small actor call per worker; one that takes longer than the
     interval is only counted as late (a worker is declared dead after 10 minutes)."""
     return {TRAIN_POLL_VAR: os.environ.get(TRAIN_POLL_VAR) or TRAIN_POLL_S}
