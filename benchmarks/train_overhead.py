@@ -121,7 +121,7 @@ def ray_epochs(cfg: TrainConfig) -> RayRun:
 
     from training.driver import new_ray_run_name
     from training.ray_cluster import resolve_resources
-    from training.ray_trainer import build_trainer
+    from training.ray_trainer import build_trainer, ray_timing
 
     started = time.perf_counter()
     cfg = resolve_resources(cfg)
@@ -129,6 +129,7 @@ def ray_epochs(cfg: TrainConfig) -> RayRun:
     fit_at = time.time()
     result = build_trainer(cfg, new_ray_run_name(cfg)).fit()
     fitted, fit_end = time.perf_counter(), time.time()
+    timing = ray_timing(result, fit_at, fit_end)  # what `medimg train` logs to MLflow
     history = result.metrics_dataframe
     times = [float(t) for t in history["train_time_s"]]
     for epoch, seconds in enumerate(times, start=1):
@@ -137,11 +138,10 @@ def ray_epochs(cfg: TrainConfig) -> RayRun:
     wall = time.perf_counter() - started
     parts = {
         "ray.init": init,
-        "worker group start": float(history["loop_started_at"].iloc[0]) - fit_at,
+        "worker group start": timing["ray_worker_start_s"],
         "worker setup": float(history["setup_s"].iloc[0]),
         "validation": float(history["val_time_s"].sum()),
-        "end of run (last report to fit() returned)": fit_end
-        - float(result.metrics["reported_at"]),
+        "end of run (last report to fit() returned)": timing["ray_run_end_s"],
         "shutdown": time.perf_counter() - fitted,
     }
     parts["checkpoints and reports"] = wall - sum(times) - sum(parts.values())

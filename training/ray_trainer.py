@@ -256,17 +256,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_weights(evaluated, Path(tmp) / CHECKPOINT_FILE, spec.to_json())
             state = {
-                **(
-                    {"ema": ema.state_dict(), "model": unwrap(model).state_dict()}
-                    if ema is not None
-                    else {}
-                ),
                 "epoch": epoch,
                 "metrics": metrics,
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
+            if ema is not None:  # model.pt holds the average; resume needs the trained weights
+                state.update(ema=ema.state_dict(), model=unwrap(model).state_dict())
             torch.save(state, Path(tmp) / STATE_FILE)
             metrics["reported_at"] = time.time()  # fit() times the end of the run from this
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
