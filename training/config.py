@@ -90,6 +90,8 @@ class TrainConfig:
     aug_strength: float = 0.5  # 0..1, scales affine and contrast ranges
     label_smoothing: float = 0.0  # 0..0.5: cross-entropy targets (1 - e) + e / classes
     ema_decay: float = 0.0  # 0: off; 0 < d < 1: validate/keep an EMA of the weights (training.ema)
+    mixup_alpha: float = 0.0  # 0: off; > 0: MixUp with lam ~ Beta(a, a) (training.mix)
+    cutmix_alpha: float = 0.0  # 0: off; > 0: CutMix (both set: one of the two per batch)
     class_weighting: str = "none"  # none | balanced (pos_weight for BCE, class weights for CE)
     sampler: str = "shuffle"  # shuffle | balanced (inverse-frequency weighted sampling)
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX) | bf16 | fp16 | fp32
@@ -173,6 +175,13 @@ class TrainConfig:
                 "ema_decay",
                 "0 (off) or between 0 and 1 (e.g. 0.99)",
                 self.ema_decay,
+            ),
+            (self.mixup_alpha >= 0, "mixup_alpha", "0 (off) or > 0 (e.g. 0.2)", self.mixup_alpha),
+            (
+                self.cutmix_alpha >= 0,
+                "cutmix_alpha",
+                "0 (off) or > 0 (e.g. 1.0)",
+                self.cutmix_alpha,
             ),
             (
                 not self.storage_endpoint or self.storage_path.startswith("s3://"),

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from training.config import TrainConfig
 from training.errors import ConfigError
+from training.mix import BatchMixer, mixed_loss
 from training.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,10 @@ def run_epoch(
     scaler: torch.amp.GradScaler | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
     on_step: Callable[[int, int, float, int], None] | None = None,
+    mixer: BatchMixer | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; returns summed loss and timings (this rank only)."""
+    """One pass over ``loader``; returns summed loss and timings (this rank only). With a
+    ``mixer``, each batch is mixed (MixUp/CutMix) after ``transform``."""
     model.train()
     started = time.perf_counter()
     total, count, load = 0.0, 0, 0.0
@@ -187,8 +190,9 @@ def run_epoch(
         load += time.perf_counter() - waited
         x = transform(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         y = targets(spec, y.to(device, non_blocking=True))
+        x, y_other, lam = mixer(x, y) if mixer is not None else (x, y, 1.0)
         with autocast():
-            loss = loss_fn(model(x), y)
+            loss = mixed_loss(loss_fn, model(x), y, y_other, lam)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -40,6 +40,7 @@ from training.epoch import (
 )
 from training.errors import TrainingError
 from training.metrics import evaluate
+from training.mix import BatchMixer
 from training.model import build_model, load_weights, predict_proba, save_weights, unwrap
 from training.precision import resolve as resolve_precision
 from training.ray_cluster import resolve_resources
@@ -165,6 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = make_loss(cfg, spec, train.labels).to(device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     transform = BatchTransform(cfg.augmentations, cfg.aug_strength, spec.mean, spec.std, generator)
+    mixer = BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha, seed=cfg.seed * 1000 + rank)
     tracker = _MlflowEpochs(cfg) if rank == 0 and cfg.mlflow_run_id else None
 
     start, average = 1, None
@@ -220,6 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler=scaler,
             memory_format=precision.memory_format,
             on_step=on_step,
+            mixer=mixer if mixer.active else None,
         )
         sums = torch.tensor([stats.loss_sum, stats.images], dtype=torch.float64, device=device)
         if world > 1:

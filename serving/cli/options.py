@@ -59,6 +59,13 @@ TRAIN_OPTIONS: list[tuple[str, str, type, str]] = [
         float,
         "0: off; e.g. 0.99: validate, checkpoint and export an EMA of the weights",
     ),
+    ("--mixup-alpha", "mixup_alpha", float, "0: off; e.g. 0.2: MixUp of training batches"),
+    (
+        "--cutmix-alpha",
+        "cutmix_alpha",
+        float,
+        "0: off; e.g. 1.0: CutMix (with MixUp: one per batch)",
+    ),
     ("--class-weighting", "class_weighting", str, "none | balanced"),
     ("--sampler", "sampler", str, "shuffle | balanced"),
     (
