@@ -74,6 +74,8 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict[str, float]:
         class_weighting=args.class_weighting,
         scheduler=args.scheduler,
         ema_decay=args.ema_decay,
+        mixup_alpha=args.mixup_alpha,
+        cutmix_alpha=args.cutmix_alpha,
         tracking_uri=args.tracking_uri,
         experiment="medmnist-table",
         storage_path=args.storage_path,
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=0.0, help="0: off (see medimg train)")
+    p.add_argument("--mixup-alpha", type=float, default=0.0, help="0: off (see medimg train)")
+    p.add_argument("--cutmix-alpha", type=float, default=0.0, help="0: off (see medimg train)")
     p.add_argument("--tune-samples", type=int, default=0, help="tune N trials first (medimg tune)")
     p.add_argument("--tune-budget-s", type=float, default=0.0, help="stop tuning after S s")
     p.add_argument("--space", default="", help="search space YAML (default: medimg tune's)")
@@ -174,6 +178,8 @@ def main() -> None:
         f" from {args.size} px files, epochs {args.epochs}"
         + (f", tuned {args.tune_samples} trials" if args.tune_samples else "")
         + (f", EMA {args.ema_decay:g}" if args.ema_decay else "")
+        + (f", MixUp {args.mixup_alpha:g}" if args.mixup_alpha else "")
+        + (f", CutMix {args.cutmix_alpha:g}" if args.cutmix_alpha else "")
         + ")"
     )
     text = table(results, label)
