@@ -21,11 +21,12 @@ from serving.cli.options import (
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = None if args.resume else train_config(args)  # bad options fail before Ray/torch load
     from training.console import RunConsole
     from training.driver import train_and_register
 
     with RunConsole("train", verbose=args.verbose) as console, console.quiet():
-        if args.resume:
+        if cfg is None:
             from training.config import default_tracking_uri
             from training.resume import resume_config
 
@@ -34,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg, target = resume_config(uri, args.resume, explicit)
             outcome = train_and_register(cfg, target)
         else:
-            outcome = train_and_register(train_config(args))
+            outcome = train_and_register(cfg)
     print(f"MLflow run: {outcome.run_id}")
     print(f"registered: {outcome.model_name} version {outcome.version}")
     print(f"val  AUC {outcome.val['auc']:.4f}  ACC {outcome.val['acc']:.4f}")
@@ -48,18 +49,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg, server = train_config(args), server_from_args(args)
     from serving.pipeline import run_pipeline
     from training.console import RunConsole
 
-    cfg, server = train_config(args), server_from_args(args)
     with RunConsole("train", verbose=args.verbose) as console:
         return run_pipeline(cfg, server, keep_serving=args.keep_serving, console=console)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from training.console import RunConsole
-    from training.tune import TuneSettings, resume_tune, run_tune
-
     if args.resume:
         ignored = sorted(set(explicit_options(args)) - {"storage_endpoint"})
         if ignored:
@@ -68,8 +66,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"tune --resume continues the job with its own saved options; drop {ignored}"
             )
+    cfg = None if args.resume else train_config(args)  # bad options fail before Ray/torch load
+    from training.console import RunConsole
+    from training.tune import TuneSettings, resume_tune, run_tune
+
     with RunConsole("tune", verbose=args.verbose) as console, console.quiet():
-        if args.resume:
+        if cfg is None:
             outcome = resume_tune(args.resume, getattr(args, "storage_endpoint", None) or "")
         else:
             settings = TuneSettings(
@@ -80,7 +82,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 time_budget_s=args.time_budget_s,
                 space_file=args.space,
             )
-            outcome = run_tune(train_config(args), settings)
+            outcome = run_tune(cfg, settings)
     print(outcome.report())
     return 0
 
