@@ -188,10 +188,9 @@ def run_epoch(
     waited = time.perf_counter()
     for step, (x, y) in enumerate(loader, start=1):
         load += time.perf_counter() - waited
-        x = transform(x.to(device, non_blocking=True))
+        x = transform(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         y = targets(spec, y.to(device, non_blocking=True))
-        x, y_other, lam = mixer(x, y) if mixer is not None else (x, y, 1.0)
-        x = x.contiguous(memory_format=memory_format)  # after mixing: indexing may drop it
+        x, y_other, lam = mixer(x, y) if mixer is not None else (x, y, 1.0)  # keeps the format
         with autocast():
             loss = mixed_loss(loss_fn, model(x), y, y_other, lam)
         optimizer.zero_grad(set_to_none=True)

@@ -62,7 +62,7 @@ class BatchMixer:
         if bottom <= top or right <= left:
             return x, y, 1.0
         mixed = x.clone()
-        mixed[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+        mixed[..., top:bottom, left:right] = x[perm, ..., top:bottom, left:right]  # the box only
         return mixed, y[perm], 1 - (bottom - top) * (right - left) / (h * w)
 
 
